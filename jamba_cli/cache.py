@@ -1,0 +1,132 @@
+"""The hybrid cache: K/V for the attention layers, conv + SSM state for the Mamba layers.
+
+The cache is plain data made by `make_cache` and passed into `model(input_ids, cache)`, which appends
+to it. It cannot be trimmed: a Mamba state summarises every token it has seen and there is no way to
+take one back. To return to an earlier point, `clone()` the cache there and keep the copy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .config import JambaConfig
+
+
+@dataclass
+class AttnCache:
+    k: torch.Tensor  # (B, G, capacity, Dh); positions >= cache.offset are unused
+    v: torch.Tensor  # (B, G, capacity, Dh)
+
+
+@dataclass
+class MambaCache:
+    conv: torch.Tensor  # (B, E, K-1): the last K-1 conv inputs, oldest first (causal-conv1d's layout)
+    ssm: torch.Tensor  # (B, E, N), float32: the selective-scan state h
+
+
+class HybridCache:
+    """Per-layer state of a batch of sequences, plus how many positions it has seen (`offset`).
+
+    `key_mask` (B, capacity) marks the positions that are real tokens; it is None until a call brings
+    padding (left-padded batched prompts), so the unpadded common case pays nothing for it.
+    With `static=True` the K/V buffers never grow (fixed shapes, for CUDA graphs).
+    """
+
+    def __init__(self, layers: list[AttnCache | MambaCache], capacity: int, static: bool = False):
+        self.layers = layers
+        self.capacity = capacity
+        self.static = static
+        self.offset = 0
+        self.key_mask: torch.Tensor | None = None
+
+    @property
+    def batch_size(self) -> int:
+        return self.layers[0].k.shape[0] if isinstance(self.layers[0], AttnCache) else self.layers[0].conv.shape[0]
+
+    def reserve(self, new_tokens: int) -> None:
+        """Make room for `new_tokens` more positions, doubling the K/V buffers when they are full."""
+        need = self.offset + new_tokens
+        if need <= self.capacity:
+            return
+        if self.static:
+            raise ValueError(f"context is full: {self.offset} + {new_tokens} tokens exceed the cache size "
+                             f"{self.capacity} (raise --ctx-size)")
+        capacity = max(need, 2 * self.capacity, 256)
+        for layer in self.layers:
+            if isinstance(layer, AttnCache):
+                layer.k = _grow(layer.k, capacity, self.offset)
+                layer.v = _grow(layer.v, capacity, self.offset)
+        if self.key_mask is not None:
+            self.key_mask = _grow(self.key_mask, capacity, self.offset, dim=1)
+        self.capacity = capacity
+
+    def record_padding(self, mask: torch.Tensor | None, t: int) -> None:
+        """Note which of the next `t` positions are real tokens (`mask` (B, t), or None for all)."""
+        if mask is None and self.key_mask is None:
+            return
+        if self.key_mask is None:
+            device = next(iter(layer.k.device for layer in self.layers if isinstance(layer, AttnCache)),
+                          mask.device)
+            self.key_mask = torch.ones(self.batch_size, self.capacity, dtype=torch.bool, device=device)
+        self.key_mask[:, self.offset:self.offset + t] = True if mask is None else mask.to(self.key_mask.device)
+
+    def clone(self) -> HybridCache:
+        layers = [AttnCache(l.k.clone(), l.v.clone()) if isinstance(l, AttnCache) else
+                  MambaCache(l.conv.clone(), l.ssm.clone()) for l in self.layers]
+        out = HybridCache(layers, self.capacity, self.static)
+        out.offset = self.offset
+        out.key_mask = None if self.key_mask is None else self.key_mask.clone()
+        return out
+
+    def copy_(self, other: HybridCache) -> None:
+        """Restore `other` (a clone of this cache) in place, keeping this cache's buffers."""
+        for mine, theirs in zip(self.layers, other.layers):
+            for name in ("k", "v") if isinstance(mine, AttnCache) else ("conv", "ssm"):
+                getattr(mine, name).copy_(getattr(theirs, name))
+        self.offset = other.offset
+        self.key_mask = None if other.key_mask is None else other.key_mask.clone()
+
+    def reset(self) -> None:
+        for layer in self.layers:
+            if isinstance(layer, MambaCache):
+                layer.conv.zero_()
+                layer.ssm.zero_()
+        self.offset = 0
+        self.key_mask = None
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for l in self.layers
+                   for t in ((l.k, l.v) if isinstance(l, AttnCache) else (l.conv, l.ssm)))
+
+
+def _grow(t: torch.Tensor, capacity: int, used: int, dim: int = 2) -> torch.Tensor:
+    shape = list(t.shape)
+    shape[dim] = capacity
+    out = torch.zeros(shape, dtype=t.dtype, device=t.device)
+    out.narrow(dim, 0, used).copy_(t.narrow(dim, 0, used))
+    return out
+
+
+def make_cache(config: JambaConfig, batch_size: int, *, dtype: torch.dtype, device: torch.device | str
+               | list[torch.device | str] = "cpu", capacity: int = 0, static: bool = False) -> HybridCache:
+    """An empty cache for `batch_size` sequences.
+
+    Args:
+        dtype: the model's dtype; K/V and conv state use it, the SSM state is always float32.
+        device: one device, or one per layer (a model split over devices keeps each layer's state with it).
+        capacity: K/V positions to preallocate; the cache grows past it unless `static`.
+    """
+    devices = device if isinstance(device, (list, tuple)) else [device] * config.num_hidden_layers
+    b, e = batch_size, config.d_inner
+    layers: list[AttnCache | MambaCache] = []
+    for i, dev in enumerate(devices):
+        if config.is_attention(i):
+            shape = (b, config.num_key_value_heads, capacity, config.head_dim)
+            layers.append(AttnCache(torch.zeros(shape, dtype=dtype, device=dev),
+                                    torch.zeros(shape, dtype=dtype, device=dev)))
+        else:
+            layers.append(MambaCache(torch.zeros(b, e, config.mamba_d_conv - 1, dtype=dtype, device=dev),
+                                     torch.zeros(b, e, config.mamba_d_state, dtype=torch.float32, device=dev)))
+    return HybridCache(layers, capacity, static)

@@ -1,0 +1,13 @@
+"""User-facing errors: each carries a one-line message the CLI prints as is."""
+
+
+class JambaError(Exception):
+    """Base class for errors that are reported to the user in one line."""
+
+
+class ConfigError(JambaError, ValueError):
+    """config.json is missing, malformed, or describes something that is not a Jamba model."""
+
+
+class CheckpointError(JambaError):
+    """Weights or tokenizer files are missing, corrupt, or do not match the config."""

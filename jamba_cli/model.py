@@ -1,0 +1,249 @@
+"""Jamba (AI21's hybrid Transformer-Mamba mixture-of-experts LM) in plain PyTorch.
+
+Module names equal the checkpoint keys (`model.layers.3.mamba.in_proj.weight`, ...), except that the
+experts of an MoE layer are stacked as transformers v5 keeps them in memory
+(`feed_forward.experts.gate_up_proj` (X, 2I, H), `feed_forward.experts.down_proj` (X, H, I));
+`load.py` stacks the per-expert tensors found on disk. Numerics follow transformers'
+JambaForCausalLM on its mamba-ssm kernel path.
+
+Glossary:
+    B  batch                      T  tokens in this call        S  tokens in the cache after it
+    H  hidden_size                A  query heads                G  key/value heads     Dh  head_dim
+    E  d_inner = expand·H         N  mamba_d_state              K  mamba_d_conv        R   dt_rank
+    X  experts                    k  experts per token          I  intermediate_size   V   vocab
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import kernels
+from .cache import AttnCache, HybridCache, MambaCache
+from .config import JambaConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)  # cast back before the weight, as LlamaRMSNorm does
+
+
+class Attention(nn.Module):
+    """Causal self-attention with grouped K/V heads and no positional encoding (Jamba uses NoPE)."""
+
+    def __init__(self, cfg: JambaConfig):
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, cache: AttnCache | None, offset: int,
+                mask: torch.Tensor | None) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, A, T, Dh)
+        k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)  # (B, G, T, Dh)
+        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        if cache is not None:
+            cache.k[:, :, offset:offset + t] = k
+            cache.v[:, :, offset:offset + t] = v
+            k, v = cache.k[:, :, :offset + t], cache.v[:, :, :offset + t]  # (B, G, S, Dh)
+        causal = mask is None and t > 1 and offset == 0
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                             enable_gqa=self.n_kv != self.n_heads)  # (B, A, T, Dh)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+class MambaMixer(nn.Module):
+    """Mamba-1 selective SSM with Jamba's extra RMSNorms on dt, B and C."""
+
+    def __init__(self, cfg: JambaConfig):
+        super().__init__()
+        h, e, n, r, k = cfg.hidden_size, cfg.d_inner, cfg.mamba_d_state, cfg.mamba_dt_rank, cfg.mamba_d_conv
+        self.d_inner, self.d_state, self.dt_rank, self.act = e, n, r, cfg.hidden_act
+        self.in_proj = nn.Linear(h, 2 * e, bias=cfg.mamba_proj_bias)  # rows [0:E] = u, [E:2E] = z (gate)
+        self.conv1d = nn.Conv1d(e, e, k, groups=e, padding=k - 1, bias=cfg.mamba_conv_bias)  # (E, 1, K)
+        self.x_proj = nn.Linear(e, r + 2 * n, bias=False)  # columns [dt | B | C]
+        self.dt_proj = nn.Linear(r, e, bias=True)
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, n + 1, dtype=torch.float32)).repeat(e, 1))  # (E, N)
+        self.D = nn.Parameter(torch.ones(e))
+        self.out_proj = nn.Linear(e, h, bias=cfg.mamba_proj_bias)
+        self.dt_layernorm = RMSNorm(r, cfg.rms_norm_eps)
+        self.b_layernorm = RMSNorm(n, cfg.rms_norm_eps)
+        self.c_layernorm = RMSNorm(n, cfg.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, cache: MambaCache | None, pad_mask: torch.Tensor | None) -> torch.Tensor:
+        u, z = self.in_proj(x).chunk(2, dim=-1)  # (B, T, E) each
+        if pad_mask is not None:  # zero padding so left-padded rows see exactly what unpadded ones see
+            u = u * pad_mask.unsqueeze(-1)
+        conv_w = self.conv1d.weight.squeeze(1)  # (E, K)
+        u = kernels.causal_conv1d(u.transpose(1, 2), conv_w, self.conv1d.bias,
+                                  None if cache is None else cache.conv, self.act)  # (B, E, T)
+        if pad_mask is not None:
+            u = u * pad_mask.unsqueeze(1)
+        dt, Bm, Cm = self.x_proj(u.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = F.linear(self.dt_layernorm(dt), self.dt_proj.weight)  # (B, T, E); its bias is added in fp32
+        Bm, Cm = self.b_layernorm(Bm), self.c_layernorm(Cm)  # (B, T, N)
+        A = -torch.exp(self.A_log.float())  # (E, N)
+        y = kernels.selective_scan(u, dt.transpose(1, 2), A, Bm.transpose(1, 2), Cm.transpose(1, 2), self.D,
+                                   z.transpose(1, 2), self.dt_proj.bias, None if cache is None else cache.ssm)
+        return self.out_proj(y.transpose(1, 2))  # (B, T, H)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: JambaConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.act = kernels.ACT[cfg.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Experts(nn.Module):
+    """X SwiGLU experts with stacked weights; each token runs through the k experts it was routed to."""
+
+    def __init__(self, cfg: JambaConfig):
+        super().__init__()
+        x, i, h = cfg.num_experts, cfg.intermediate_size, cfg.hidden_size
+        self.gate_up_proj = nn.Parameter(torch.empty(x, 2 * i, h))  # rows [0:I] gate, [I:2I] up
+        self.down_proj = nn.Parameter(torch.empty(x, h, i))
+        self.act = kernels.ACT[cfg.hidden_act]
+
+    def forward(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        # x: (T, H), idx/w: (T, k) -> (T, H)
+        out = torch.zeros_like(x)
+        for e in idx.unique().tolist():
+            tok, slot = torch.where(idx == e)
+            gate, up = F.linear(x[tok], self.gate_up_proj[e]).chunk(2, dim=-1)
+            y = F.linear(self.act(gate) * up, self.down_proj[e])
+            out.index_add_(0, tok, (y * w[tok, slot, None]).to(x.dtype))
+        return out
+
+
+class SparseMoE(nn.Module):
+    def __init__(self, cfg: JambaConfig):
+        super().__init__()
+        self.top_k = cfg.num_experts_per_tok
+        self.router = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
+        self.experts = Experts(cfg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, h = x.shape
+        xt = x.reshape(-1, h)  # (B·T, H)
+        probs = F.softmax(self.router(xt), dim=-1, dtype=torch.float32)  # over all X experts
+        w, idx = torch.topk(probs, self.top_k, dim=-1)  # (B·T, k); not renormalised, unlike Mixtral
+        return self.experts(xt, idx, w.to(x.dtype)).view(b, t, h)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block: (attention or Mamba) then (MoE or dense MLP), each with a residual."""
+
+    def __init__(self, cfg: JambaConfig, i: int):
+        super().__init__()
+        self.is_attn = cfg.is_attention(i)
+        if self.is_attn:
+            self.self_attn = Attention(cfg)
+        else:
+            self.mamba = MambaMixer(cfg)
+        self.feed_forward = SparseMoE(cfg) if cfg.is_moe(i) else MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.pre_ff_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, h: torch.Tensor, cache: AttnCache | MambaCache | None, offset: int,
+                attn_mask: torch.Tensor | None, pad_mask: torch.Tensor | None) -> torch.Tensor:
+        x = self.input_layernorm(h)
+        if self.is_attn:
+            x = self.self_attn(x, cache, offset, attn_mask)
+        else:
+            x = self.mamba(x, cache, pad_mask)
+        h = h + x
+        return h + self.feed_forward(self.pre_ff_layernorm(h))
+
+
+class JambaModel(nn.Module):
+    def __init__(self, cfg: JambaConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.final_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class JambaForCausalLM(nn.Module):
+    def __init__(self, cfg: JambaConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = JambaModel(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    def layer_devices(self) -> list[torch.device]:
+        return [layer.input_layernorm.weight.device for layer in self.model.layers]
+
+    def forward(self, input_ids: torch.Tensor, cache: HybridCache | None = None,
+                attention_mask: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
+        """Logits for `input_ids` (B, T) -> (B, T, V), or (B, 1, V) with `last_only`.
+
+        With a cache, the tokens continue the sequences it holds and are appended to it.
+        `attention_mask` (B, T) marks real tokens with 1 and padding with 0; pad on the left.
+        """
+        t = input_ids.shape[1]
+        offset = cache.offset if cache is not None else 0
+        pad_mask = None
+        if attention_mask is not None and not bool(attention_mask.all()):
+            pad_mask = attention_mask.bool()
+        key_mask = pad_mask
+        if cache is not None:
+            cache.reserve(t)
+            cache.record_padding(pad_mask, t)
+            key_mask = None if cache.key_mask is None else cache.key_mask[:, :offset + t]
+        attn_mask = _attention_mask(t, offset, key_mask, input_ids.device)
+        h = self.model.embed_tokens(input_ids)  # (B, T, H); no position embedding
+        for i, layer in enumerate(self.model.layers):
+            h = h.to(layer.input_layernorm.weight.device)  # a model split over devices
+            lc = cache.layers[i] if cache is not None else None
+            h = layer(h, lc, offset, _on(attn_mask, h.device), _on(pad_mask, h.device))
+        if cache is not None:
+            cache.offset += t
+        h = self.model.final_layernorm(h)
+        if last_only:
+            h = h[:, -1:]
+        return self.lm_head(h.to(self.lm_head.weight.device))
+
+
+def _attention_mask(t: int, offset: int, key_mask: torch.Tensor | None, device) -> torch.Tensor | None:
+    """Boolean (B or 1, 1, T, S) mask, or None where SDPA's own causal flag (or no mask) is exact."""
+    if key_mask is None and (t == 1 or offset == 0):
+        return None
+    s = offset + t
+    q_pos = torch.arange(offset, s, device=device)[:, None]
+    k_pos = torch.arange(s, device=device)[None, :]
+    allowed = k_pos <= q_pos  # (T, S)
+    if key_mask is not None:
+        # a padding query attends to itself alone, so its row is never empty (no NaN)
+        allowed = allowed & (key_mask.to(device)[:, None, :] | (k_pos == q_pos))  # (B, T, S)
+    return allowed.unsqueeze(-3) if allowed.dim() == 3 else allowed[None, None]
+
+
+def _on(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    return t if t is None or t.device == device else t.to(device)

@@ -1,0 +1,110 @@
+"""Tiny real Jamba checkpoints for the tests: transformers' JambaForCausalLM with random weights, saved with
+`save_pretrained` (which proves the file format), next to a small real BPE tokenizer."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+VOCAB = 320
+SPECIALS = ["<|pad|>", "<|startoftext|>", "<|endoftext|>", "<|bom|>", "<|eom|>", "<|system|>", "<|user|>",
+            "<|assistant|>"]
+CORPUS = [
+    "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer",
+    "The slings and arrows of outrageous fortune, or to take arms against a sea of troubles",
+    "Now is the winter of our discontent made glorious summer by this sun of York.",
+    "Friends, Romans, countrymen, lend me your ears; I come to bury Caesar, not to praise him.",
+    "Ünïcödé façade — naïve café 日本語 テキスト 🙂 emoji and tabs\tand\nnewlines",
+]
+
+# Shapes small enough for CPU tests; each schedule mirrors a released family (see the README table).
+BASE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
+            mamba_d_state=8, mamba_d_conv=4, mamba_expand=2, num_experts=4, num_experts_per_tok=2,
+            initializer_range=0.15, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+CONFIGS = {
+    # attention 1-in-8 at offset 4, MoE on every odd layer (Jamba v0.1 / 1.5-1.7 Mini / Large)
+    "mini": dict(num_hidden_layers=16, attn_layer_period=8, attn_layer_offset=4,
+                 expert_layer_period=2, expert_layer_offset=1),
+    # attention and MoE on the same layers, MHA, mamba_proj_bias on and conv bias off
+    "overlap": dict(num_hidden_layers=6, attn_layer_period=3, attn_layer_offset=1, expert_layer_period=3,
+                    expert_layer_offset=1, num_key_value_heads=4, mamba_proj_bias=True, mamba_conv_bias=False),
+    # Reasoning-3B: tied embeddings, one K/V head (MQA), dense MLP everywhere
+    "reasoning": dict(num_hidden_layers=6, attn_layer_period=4, attn_layer_offset=2, num_experts=1,
+                      num_key_value_heads=1, tie_word_embeddings=True),
+    # top-1 routing, 8 experts, dt_rank given explicitly
+    "top1": dict(num_hidden_layers=4, attn_layer_period=2, attn_layer_offset=0, expert_layer_period=2,
+                 expert_layer_offset=0, num_experts=8, num_experts_per_tok=1, mamba_dt_rank=7),
+}
+
+
+def build_tokenizer(directory: Path) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE(byte_fallback=False))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(CORPUS * 4, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<|startoftext|> $A", pair="<|startoftext|> $A $B",
+                                                       special_tokens=[("<|startoftext|>", 1)])
+    assert tok.get_vocab_size() <= VOCAB
+    tok.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|pad|>",
+        "tokenizer_class": "PreTrainedTokenizerFast"}))
+
+
+def make_hf_model(seed: int = 0, **overrides):
+    from transformers import JambaConfig, JambaForCausalLM
+
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cfg = JambaConfig(**{**BASE, **overrides})
+    model = JambaForCausalLM(cfg).eval()
+    with torch.no_grad():  # make norms, biases, D and A non-trivial so a mistake in any of them shows
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith((".D", "bias", "A_log")):
+                p.add_(torch.randn_like(p) * 0.3)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("tokenizer")
+    build_tokenizer(d)
+    return d
+
+
+def save_checkpoint(model, directory: Path, tokenizer_dir: Path, max_shard_size: str | None = None) -> Path:
+    import shutil
+
+    directory.mkdir(parents=True, exist_ok=True)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(directory, **kwargs)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tokenizer_dir / name, directory / name)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory, tokenizer_dir) -> dict[str, tuple[Path, object]]:
+    """name -> (checkpoint directory, the transformers model it was saved from)."""
+    out = {}
+    for name, overrides in CONFIGS.items():
+        model = make_hf_model(**overrides)
+        out[name] = (save_checkpoint(model, tmp_path_factory.mktemp(name), tokenizer_dir), model)
+    return out
+
+
+@pytest.fixture(scope="session")
+def mini(checkpoints):
+    from jamba_cli.loader import load
+
+    model, tokenizer = load(checkpoints["mini"][0], dtype="fp32", device="cpu")
+    return model, tokenizer
