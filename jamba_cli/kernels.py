@@ -54,7 +54,7 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, Bm: to
     dt = F.softplus(delta.float() + delta_bias.float()[:, None])  # (B, E, T)
     uf = u.float()
     y = torch.empty(b, e, t, dtype=torch.float32, device=u.device)
-    c = max(8, min(64, 1 << max(0, math.ceil(math.log2(max(t, 1)) / 2))))  # chunk length ~ sqrt(T)
+    c = min(64, 1 << math.ceil(math.log2(max(t, 1)) / 2))  # chunk length ~ sqrt(T)
     block = max(c, (_BLOCK_ELEMS // max(1, b * e * n)) // c * c)
     for t0 in range(0, t, block):
         t1 = min(t, t0 + block)

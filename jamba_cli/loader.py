@@ -8,6 +8,8 @@ straight into it, shard by shard. Peak host memory stays near one copy of the we
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import os
 import re
@@ -208,7 +210,7 @@ def load_model(directory: Path, *, dtype: torch.dtype | None = None, device: tor
             if key in entries:
                 raise CheckpointError(f"tensor {key} appears in both {entries[key].file.name} and {f.name}")
             entries[key] = entry
-    with torch.device("meta"):
+    with torch.device("meta"), _no_init():
         model = JambaForCausalLM(config)
     steps = plan(model, entries)  # raises before any memory is spent
 
@@ -242,12 +244,28 @@ def load_model(directory: Path, *, dtype: torch.dtype | None = None, device: tor
     return model
 
 
+@contextlib.contextmanager
+def _no_init():
+    """Skip parameter init while building on meta: its values are overwritten anyway, and the first compute
+    op on a meta tensor imports torch's Python decompositions (sympy & co., ~75 MB of RSS)."""
+    names = ("kaiming_uniform_", "uniform_", "normal_")
+    saved = {name: getattr(torch.nn.init, name) for name in names}
+    for name in names:
+        setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.nn.init, name, fn)
+
+
 def _read_into(f, entry: TensorEntry, dest: torch.Tensor) -> None:
     """Read one tensor's bytes from the open file into `dest`, converting dtype and device as needed."""
     nbytes = entry.end - entry.begin
     direct = dest.device.type == "cpu" and dest.dtype == entry.dtype and dest.is_contiguous()
     buf = dest if direct else torch.empty(entry.shape, dtype=entry.dtype)
-    view = memoryview(buf.view(-1).view(torch.uint8).numpy()) if buf.numel() else memoryview(b"")
+    # a writable view of the tensor's memory, without going through numpy (its import costs RSS)
+    view = memoryview((ctypes.c_char * nbytes).from_address(buf.data_ptr())).cast("B") if nbytes else b""
     f.seek(entry.begin)
     got = 0
     while got < nbytes:

@@ -74,7 +74,10 @@ class MambaMixer(nn.Module):
         self.conv1d = nn.Conv1d(e, e, k, groups=e, padding=k - 1, bias=cfg.mamba_conv_bias)  # (E, 1, K)
         self.x_proj = nn.Linear(e, r + 2 * n, bias=False)  # columns [dt | B | C]
         self.dt_proj = nn.Linear(r, e, bias=True)
-        self.A_log = nn.Parameter(torch.log(torch.arange(1, n + 1, dtype=torch.float32)).repeat(e, 1))  # (E, N)
+        self.A_log = nn.Parameter(torch.empty(e, n))  # (E, N)
+        if self.A_log.device.type != "meta":  # compute ops on meta import ~70 MB of decompositions
+            with torch.no_grad():
+                self.A_log.copy_(torch.arange(1, n + 1, dtype=torch.float32).log())  # S4D-real: A = -(1..N)
         self.D = nn.Parameter(torch.ones(e))
         self.out_proj = nn.Linear(e, h, bias=cfg.mamba_proj_bias)
         self.dt_layernorm = RMSNorm(r, cfg.rms_norm_eps)
@@ -94,6 +97,10 @@ class MambaMixer(nn.Module):
         dt = F.linear(self.dt_layernorm(dt), self.dt_proj.weight)  # (B, T, E); its bias is added in fp32
         Bm, Cm = self.b_layernorm(Bm), self.c_layernorm(Cm)  # (B, T, N)
         A = -torch.exp(self.A_log.float())  # (E, N)
+        if cache is not None and x.shape[1] == 1:  # decode: one step of the recurrence
+            y = kernels.selective_state_update(cache.ssm, u[..., 0], dt[:, 0], A, Bm[:, 0], Cm[:, 0], self.D,
+                                               z[:, 0], self.dt_proj.bias).unsqueeze(1)  # (B, 1, E)
+            return self.out_proj(y)
         y = kernels.selective_scan(u, dt.transpose(1, 2), A, Bm.transpose(1, 2), Cm.transpose(1, 2), self.D,
                                    z.transpose(1, 2), self.dt_proj.bias, None if cache is None else cache.ssm)
         return self.out_proj(y.transpose(1, 2))  # (B, T, H)
