@@ -31,13 +31,16 @@ class HybridCache:
 
     `key_mask` (B, capacity) marks the positions that are real tokens; it is None until a call brings
     padding (left-padded batched prompts), so the unpadded common case pays nothing for it.
-    With `static=True` the K/V buffers never grow (fixed shapes, for CUDA graphs).
+    With `static=True` the K/V buffers never grow and `pos` holds `offset` on the device, so a decode
+    step has fixed shapes and reads no host value: it can be captured in a CUDA graph.
     """
 
-    def __init__(self, layers: list[AttnCache | MambaCache], capacity: int, static: bool = False):
+    def __init__(self, layers: list[AttnCache | MambaCache], capacity: int, static: bool = False,
+                 pos: torch.Tensor | None = None):
         self.layers = layers
         self.capacity = capacity
         self.static = static
+        self.pos = pos  # (1,) long, static caches only
         self.offset = 0
         self.key_mask: torch.Tensor | None = None
 
@@ -64,8 +67,8 @@ class HybridCache:
 
     def record_padding(self, mask: torch.Tensor | None, t: int) -> None:
         """Note which of the next `t` positions are real tokens (`mask` (B, t), or None for all)."""
-        if mask is None and self.key_mask is None:
-            return
+        if mask is None and (self.key_mask is None or self.static):
+            return  # a static mask starts all True, so decode steps write nothing (graph-safe)
         if self.key_mask is None:
             device = next(iter(layer.k.device for layer in self.layers if isinstance(layer, AttnCache)),
                           mask.device)
@@ -75,7 +78,7 @@ class HybridCache:
     def clone(self) -> HybridCache:
         layers = [AttnCache(l.k.clone(), l.v.clone()) if isinstance(l, AttnCache) else
                   MambaCache(l.conv.clone(), l.ssm.clone()) for l in self.layers]
-        out = HybridCache(layers, self.capacity, self.static)
+        out = HybridCache(layers, self.capacity, self.static, None if self.pos is None else self.pos.clone())
         out.offset = self.offset
         out.key_mask = None if self.key_mask is None else self.key_mask.clone()
         return out
@@ -86,7 +89,12 @@ class HybridCache:
             for name in ("k", "v") if isinstance(mine, AttnCache) else ("conv", "ssm"):
                 getattr(mine, name).copy_(getattr(theirs, name))
         self.offset = other.offset
-        self.key_mask = None if other.key_mask is None else other.key_mask.clone()
+        if self.pos is not None:
+            self.pos.copy_(other.pos)
+        if self.key_mask is not None and other.key_mask is not None:
+            self.key_mask.copy_(other.key_mask)  # in place: a captured CUDA graph holds this tensor
+        else:
+            self.key_mask = None if other.key_mask is None else other.key_mask.clone()
 
     def reset(self) -> None:
         for layer in self.layers:
@@ -94,6 +102,8 @@ class HybridCache:
                 layer.conv.zero_()
                 layer.ssm.zero_()
         self.offset = 0
+        if self.pos is not None:
+            self.pos.zero_()
         self.key_mask = None
 
     def nbytes(self) -> int:
@@ -129,4 +139,5 @@ def make_cache(config: JambaConfig, batch_size: int, *, dtype: torch.dtype, devi
         else:
             layers.append(MambaCache(torch.zeros(b, e, config.mamba_d_conv - 1, dtype=dtype, device=dev),
                                      torch.zeros(b, e, config.mamba_d_state, dtype=torch.float32, device=dev)))
-    return HybridCache(layers, capacity, static)
+    pos = torch.zeros(1, dtype=torch.long, device=devices[0]) if static else None
+    return HybridCache(layers, capacity, static, pos)

@@ -12,41 +12,83 @@ from .sample import LogitsProcessor, Sampler, make_sampler
 from .tokenizer import Tokenizer
 
 
+class CUDAGraphDecoder:
+    """One decode step of `model` over a static `cache`, captured once as a CUDA graph and replayed.
+
+    A replay launches every kernel of the step at once (no Python, no launch gaps) and advances the
+    cache's device position itself; `__call__` keeps the host-side offset in step.
+    """
+
+    def __init__(self, model: JambaForCausalLM, cache: HybridCache):
+        if not cache.static:
+            raise ValueError("CUDA graphs need a static cache (make_cache(..., static=True))")
+        self.cache = cache
+        self.tokens = torch.zeros(cache.batch_size, 1, dtype=torch.long, device=model.device)
+        snapshot = cache.clone()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm up: Triton compiles, cuBLAS picks its kernels
+            for _ in range(2):
+                model(self.tokens, cache)
+        torch.cuda.current_stream().wait_stream(stream)
+        cache.copy_(snapshot)  # undo the warm-up steps
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = model(self.tokens, cache)[:, -1]  # (B, V)
+        cache.offset = snapshot.offset  # capturing ran the Python side of the step, not its kernels
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.cache.reserve(1)
+        self.tokens.copy_(tokens.view(-1, 1))
+        self.graph.replay()
+        self.cache.offset += 1
+        return self.logits
+
+
 @torch.inference_mode()
 def generate_step(model: JambaForCausalLM, prompt: torch.Tensor, *, cache: HybridCache | None = None,
                   sampler: Sampler | None = None, logits_processors: Sequence[LogitsProcessor] = (),
                   max_tokens: int = 256, prefill_chunk: int = 2048,
-                  attention_mask: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
-    """Yield sampled tokens (B,) one step at a time, forever or for `max_tokens` steps.
+                  attention_mask: torch.Tensor | None = None, cuda_graph: bool = True) -> Iterator[torch.Tensor]:
+    """Yield sampled tokens (B,) one step at a time, for `max_tokens` steps.
 
     Args:
         prompt: token ids (T,) or (B, T): the tokens to add to `cache` (a new one when None).
         prefill_chunk: the prompt goes through the model this many tokens at a time (bounded memory).
         attention_mask: (B, T) with 0 on left padding of a batched prompt.
+        cuda_graph: on CUDA with a static cache (the default cache there), replay decode steps as a
+            captured CUDA graph.
     """
     if prompt.dim() == 1:
         prompt = prompt[None]
     prompt = prompt.to(model.device)
     if prompt.shape[1] == 0:
         raise ValueError("the prompt is empty: there is no token to continue from")
+    single_gpu = {d.type for d in model.layer_devices()} == {"cuda"} and len(set(model.layer_devices())) == 1
     if cache is None:
         cache = make_cache(model.config, prompt.shape[0], dtype=model.dtype, device=model.layer_devices(),
-                           capacity=prompt.shape[1] + max_tokens)
+                           capacity=prompt.shape[1] + max_tokens, static=single_gpu)
     sampler = sampler or make_sampler()
     history = prompt
     for start in range(0, prompt.shape[1], prefill_chunk):
         chunk = slice(start, start + prefill_chunk)
         mask = None if attention_mask is None else attention_mask[:, chunk]
         logits = model(prompt[:, chunk], cache, attention_mask=mask, last_only=True)
-    for _ in range(max_tokens):
-        logits = logits[:, -1].float()
+    step = None
+    if cuda_graph and single_gpu and cache.static and max_tokens > 1:
+        step = CUDAGraphDecoder(model, cache)
+    logits = logits[:, -1]
+    for i in range(max_tokens):
+        logits = logits.float()
         for process in logits_processors:
             logits = process(history, logits)
         token = sampler(logits)
         yield token
+        if i == max_tokens - 1:
+            break
         if logits_processors:
             history = torch.cat([history, token[:, None]], dim=1)
-        logits = model(token[:, None], cache)
+        logits = step(token) if step is not None else model(token[:, None], cache)[:, -1]
 
 
 def generate(model: JambaForCausalLM, tokenizer: Tokenizer, prompt: str | list[int], *, max_tokens: int,

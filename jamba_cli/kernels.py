@@ -1,8 +1,10 @@
-"""Mamba kernels in plain PyTorch: depthwise causal conv and the selective scan, whole-prompt and one-step.
+"""Mamba kernels: depthwise causal conv and the selective scan, whole-prompt and one-step, plus RMSNorm.
 
-Layouts follow mamba-ssm / causal-conv1d so the CUDA kernels drop in behind the same calls:
-x, u, delta, z: (B, E, T); A: (E, N) float32; Bm, Cm: (B, N, T); D, delta_bias: (E,) float32;
-conv state: (B, E, K-1) model dtype; SSM state: (B, E, N) float32. States passed in are updated in place.
+Each function runs the CUDA kernels of mamba-ssm / causal-conv1d (and our Triton ones) when its input is
+on a GPU and they are installed, and plain PyTorch everywhere else; `use("torch")` forces the latter.
+Layouts follow those kernels: x, u, delta, z: (B, E, T); A: (E, N) float32; Bm, Cm: (B, N, T);
+D, delta_bias: (E,); conv state: (B, E, K-1) model dtype; SSM state: (B, E, N) float32.
+States passed in are updated in place.
 
 Numerics are those of the kernels (`selective_scan_ref`): delta + bias, softplus, exp and the recurrence
 in float32; y = h·C + D·u; y *= silu(z); cast back to the input dtype.
@@ -10,7 +12,9 @@ in float32; y = h·C + D·u; y *= silu(z); cast back to the input dtype.
 
 from __future__ import annotations
 
+import functools
 import math
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -21,40 +25,127 @@ ACT = {"silu": F.silu, "swish": F.silu, "relu": F.relu, "gelu": F.gelu,
 
 # Scan work is split into blocks of about this many (token, channel, state) elements to bound memory.
 _BLOCK_ELEMS = 1 << 23
+_backend = "auto"
+
+
+def use(backend: str) -> None:
+    """'auto': CUDA kernels when the tensors are on a GPU and the kernels are installed; 'torch': never."""
+    global _backend
+    if backend not in ("auto", "torch"):
+        raise ValueError(f"kernels must be 'auto' or 'torch', not {backend!r}")
+    _backend = backend
+
+
+@functools.cache
+def cuda_ops() -> SimpleNamespace | None:
+    """mamba-ssm, causal-conv1d and our Triton kernels, or None when any of them is missing."""
+    try:
+        from causal_conv1d import causal_conv1d_fn, causal_conv1d_update
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+        from mamba_ssm.ops.triton.selective_state_update import selective_state_update
+
+        from . import triton_ops
+    except Exception:  # ImportError, or a build that does not match this torch/CUDA
+        return None
+    return SimpleNamespace(conv=causal_conv1d_fn, conv_update=causal_conv1d_update, scan=selective_scan_fn,
+                           state_update=selective_state_update, triton=triton_ops)
+
+
+def on_cuda(x: torch.Tensor) -> SimpleNamespace | None:
+    """The CUDA kernels to use for `x`, or None for the PyTorch path."""
+    if _backend != "auto" or not x.is_cuda:
+        return None
+    return cuda_ops()
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    ops = on_cuda(x)
+    if ops is not None:
+        return ops.triton.rms_norm(x, weight, eps)
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)  # cast back before the weight, as LlamaRMSNorm does
+
+
+def act_mul(act, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """act(gate) * up, in one pass on CUDA for silu (the SwiGLU of every MLP and expert)."""
+    ops = on_cuda(gate) if act is F.silu else None
+    if ops is not None:
+        return ops.triton.silu_mul(gate, up)
+    return act(gate) * up
 
 
 def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                  state: torch.Tensor | None, activation: str) -> torch.Tensor:
-    """Depthwise causal conv over time, continuing from `state` (the K-1 inputs before x) when given.
+                  state: torch.Tensor | None, activation: str, resume: bool = True) -> torch.Tensor:
+    """Depthwise causal conv over time. x: (B, E, T), weight: (E, K) -> (B, E, T).
 
-    x: (B, E, T), weight: (E, K) -> (B, E, T). `state` is replaced by the last K-1 inputs.
+    With a `state`, the conv continues from the K-1 inputs it holds (when `resume`; else from zeros)
+    and is left holding the last K-1 inputs.
     """
     k = weight.shape[-1]
-    if state is None:
-        xp = F.pad(x, (k - 1, 0))
+    ops = on_cuda(x) if activation in ("silu", "swish") else None
+    if ops is not None:
+        # The kernel takes a start state only in the channel-last layout, so it runs from zeros and the
+        # first K-1 outputs, the only ones the state reaches, are recomputed from it.
+        y = ops.conv(x, weight, bias, activation="silu")
+        if state is not None and resume:
+            head = torch.cat([state.to(x.dtype), x[..., :k - 1]], dim=-1)  # (B, E, <= 2K-2)
+            y[..., :k - 1] = F.silu(F.conv1d(head, weight.unsqueeze(1), bias, groups=x.shape[1]))
     else:
-        xp = torch.cat([state.to(x.dtype), x], dim=-1)
-        state.copy_(xp[..., xp.shape[-1] - (k - 1):])
-    y = F.conv1d(xp, weight.unsqueeze(1), bias, groups=x.shape[1])
-    return ACT[activation](y)
+        history = F.pad(x, (k - 1, 0)) if state is None or not resume else torch.cat([state.to(x.dtype), x], -1)
+        y = ACT[activation](F.conv1d(history, weight.unsqueeze(1), bias, groups=x.shape[1]))
+    if state is not None:  # the last K-1 inputs, reaching into the old state for short chunks
+        tail = x[..., -(k - 1):]
+        if tail.shape[-1] < k - 1:
+            old = state if resume else torch.zeros_like(state)
+            tail = torch.cat([old.to(x.dtype), x], dim=-1)[..., -(k - 1):]
+        state.copy_(tail)
+    return y
+
+
+def causal_conv1d_update(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, state: torch.Tensor,
+                         activation: str) -> torch.Tensor:
+    """One decode step of the conv: x (B, E) -> (B, E); `state` (B, E, K-1) shifts left by one."""
+    ops = on_cuda(x) if activation in ("silu", "swish") else None
+    if ops is not None:
+        return ops.conv_update(x, state, weight, bias, activation="silu")
+    xp = torch.cat([state.to(x.dtype), x.unsqueeze(-1)], dim=-1)  # (B, E, K)
+    state.copy_(xp[..., 1:])
+    y = (xp.float() * weight.float()).sum(-1)
+    if bias is not None:
+        y = y + bias.float()
+    return ACT[activation](y).to(x.dtype)
 
 
 def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, Bm: torch.Tensor, Cm: torch.Tensor,
                    D: torch.Tensor, z: torch.Tensor, delta_bias: torch.Tensor,
-                   state: torch.Tensor | None) -> torch.Tensor:
-    """y_t = C_t·h_t + D·u_t, h_t = exp(Δ_t A) h_{t-1} + Δ_t B_t u_t, gated by silu(z); starts from `state`.
+                   state: torch.Tensor | None, resume: bool = True) -> torch.Tensor:
+    """y_t = C_t·h_t + D·u_t, h_t = exp(Δ_t A) h_{t-1} + Δ_t B_t u_t, gated by silu(z).
 
-    Chunked so the Python loop runs about 2·sqrt(T) steps, not T: inside blocks of c tokens every
-    chunk first scans from zero (all chunks at once), the chunk-start states are then carried across
-    chunks, and a second pass re-runs each chunk from its true start state to produce y.
+    h starts from `state` when `resume` (else from zero) and `state` is left holding the last h.
     """
+    h0 = state if resume else None
+    ops = on_cuda(u)
+    if ops is not None:
+        y, last = ops.scan(u, delta, A, Bm, Cm, D.float(), z if h0 is None else None, delta_bias.float(),
+                           delta_softplus=True, return_last_state=True)
+        if h0 is not None:  # selective_scan_fn always starts from h = 0: add h0's share, by linearity
+            cum = F.softplus(delta.float() + delta_bias.float()[:, None]).cumsum(-1)  # (B, E, T)
+            y = ops.triton.add_initial_state(y, z, cum, A, Cm, h0)
+            last = last + torch.exp(cum[..., -1:] * A) * h0.float()
+        if state is not None:
+            state.copy_(last)
+        return y
     b, e, t = u.shape
     n = A.shape[-1]
-    h = torch.zeros(b, e, n, dtype=torch.float32, device=u.device) if state is None else state.float()
+    h = torch.zeros(b, e, n, dtype=torch.float32, device=u.device) if h0 is None else h0.float()
     dt = F.softplus(delta.float() + delta_bias.float()[:, None])  # (B, E, T)
     uf = u.float()
     y = torch.empty(b, e, t, dtype=torch.float32, device=u.device)
-    c = min(64, 1 << math.ceil(math.log2(max(t, 1)) / 2))  # chunk length ~ sqrt(T)
+    # Chunked so the Python loop runs about 2·sqrt(T) steps, not T: inside blocks of c tokens every
+    # chunk first scans from zero (all chunks at once), the chunk-start states are then carried across
+    # chunks, and a second pass re-runs each chunk from its true start state to produce y.
+    c = min(64, 1 << math.ceil(math.log2(max(t, 1)) / 2))
     block = max(c, (_BLOCK_ELEMS // max(1, b * e * n)) // c * c)
     for t0 in range(0, t, block):
         t1 = min(t, t0 + block)
@@ -105,6 +196,9 @@ def selective_state_update(state: torch.Tensor, u: torch.Tensor, delta: torch.Te
                            Bm: torch.Tensor, Cm: torch.Tensor, D: torch.Tensor, z: torch.Tensor,
                            delta_bias: torch.Tensor) -> torch.Tensor:
     """One decode step. u, delta, z: (B, E); Bm, Cm: (B, N); state (B, E, N) updated in place -> (B, E)."""
+    ops = on_cuda(u)
+    if ops is not None:
+        return ops.state_update(state, u, delta, A, Bm, Cm, D, z, delta_bias, dt_softplus=True)
     dt = F.softplus(delta.float() + delta_bias.float())  # (B, E)
     uf = u.float()
     dA = torch.exp(dt.unsqueeze(-1) * A)  # (B, E, N)

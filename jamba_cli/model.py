@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.bias import causal_lower_right
 
 from . import kernels
 from .cache import AttnCache, HybridCache, MambaCache
@@ -31,9 +32,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)  # cast back before the weight, as LlamaRMSNorm does
+        return kernels.rms_norm(x, self.weight, self.eps)
 
 
 class Attention(nn.Module):
@@ -47,20 +46,49 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, cache: AttnCache | None, offset: int,
-                mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: AttnCache | None, offset: int, mask: torch.Tensor | None,
+                key_mask: torch.Tensor | None = None, pos: torch.Tensor | None = None) -> torch.Tensor:
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, A, T, Dh)
         k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)  # (B, G, T, Dh)
         v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
-        if cache is not None:
+        gqa = self.n_kv != self.n_heads
+        if cache is None:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and t > 1,
+                                                 enable_gqa=gqa)
+        elif t == 1 and pos is not None:  # static cache: position from the device, so a CUDA graph can replay
+            cache.k.index_copy_(2, pos, k)
+            cache.v.index_copy_(2, pos, v)
+            valid = torch.arange(cache.k.shape[2], device=x.device) <= pos  # (capacity,)
+            out = _decode_attention(q, cache.k, cache.v, valid if key_mask is None else valid & key_mask)
+        else:
             cache.k[:, :, offset:offset + t] = k
             cache.v[:, :, offset:offset + t] = v
             k, v = cache.k[:, :, :offset + t], cache.v[:, :, :offset + t]  # (B, G, S, Dh)
-        causal = mask is None and t > 1 and offset == 0
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                             enable_gqa=self.n_kv != self.n_heads)  # (B, A, T, Dh)
+            if t == 1:
+                out = _decode_attention(q, k, v, key_mask)
+            elif mask is None and offset > 0:  # causal with the queries at the end: no mask materialised
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(t, offset + t),
+                                                     enable_gqa=gqa)
+            else:
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                                     enable_gqa=gqa)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None):
+    """One query position against S cached ones, reading each K/V head once (no repeat for GQA).
+
+    q: (B, A, 1, Dh), k/v: (B, G, S, Dh), valid: (S,) or (B, S) bool -> (B, A, 1, Dh)."""
+    b, a, _, d = q.shape
+    g = k.shape[1]
+    qg = q.view(b, g, a // g, d)  # query heads j·A/G ... grouped under K/V head j
+    scores = torch.matmul(qg, k.transpose(-1, -2)) * d ** -0.5  # (B, G, A/G, S)
+    if valid is not None:
+        valid = valid.view(-1, 1, 1, valid.shape[-1])
+        scores = scores.masked_fill(~valid, float("-inf"))
+    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    return torch.matmul(probs, v).view(b, a, 1, d)
 
 
 class MambaMixer(nn.Module):
@@ -84,26 +112,38 @@ class MambaMixer(nn.Module):
         self.b_layernorm = RMSNorm(n, cfg.rms_norm_eps)
         self.c_layernorm = RMSNorm(n, cfg.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, cache: MambaCache | None, pad_mask: torch.Tensor | None) -> torch.Tensor:
-        u, z = self.in_proj(x).chunk(2, dim=-1)  # (B, T, E) each
+    def forward(self, x: torch.Tensor, cache: MambaCache | None, offset: int,
+                pad_mask: torch.Tensor | None) -> torch.Tensor:
+        if cache is not None and x.shape[1] == 1 and offset > 0:
+            return self._step(x, cache)
+        # channel-first (B, E, T) throughout: the layout the scan kernel wants, with no transposing copies
+        xz = torch.matmul(self.in_proj.weight, x.transpose(1, 2))  # (B, 2E, T)
+        if self.in_proj.bias is not None:
+            xz = xz + self.in_proj.bias[:, None]
+        u, z = xz.chunk(2, dim=1)  # (B, E, T) each
         if pad_mask is not None:  # zero padding so left-padded rows see exactly what unpadded ones see
-            u = u * pad_mask.unsqueeze(-1)
-        conv_w = self.conv1d.weight.squeeze(1)  # (E, K)
-        u = kernels.causal_conv1d(u.transpose(1, 2), conv_w, self.conv1d.bias,
-                                  None if cache is None else cache.conv, self.act)  # (B, E, T)
+            u = u * pad_mask.unsqueeze(1)
+        resume = offset > 0
+        u = kernels.causal_conv1d(u, self.conv1d.weight.squeeze(1), self.conv1d.bias,
+                                  None if cache is None else cache.conv, self.act, resume)  # (B, E, T)
         if pad_mask is not None:
             u = u * pad_mask.unsqueeze(1)
         dt, Bm, Cm = self.x_proj(u.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = F.linear(self.dt_layernorm(dt), self.dt_proj.weight)  # (B, T, E); its bias is added in fp32
-        Bm, Cm = self.b_layernorm(Bm), self.c_layernorm(Cm)  # (B, T, N)
-        A = -torch.exp(self.A_log.float())  # (E, N)
-        if cache is not None and x.shape[1] == 1:  # decode: one step of the recurrence
-            y = kernels.selective_state_update(cache.ssm, u[..., 0], dt[:, 0], A, Bm[:, 0], Cm[:, 0], self.D,
-                                               z[:, 0], self.dt_proj.bias).unsqueeze(1)  # (B, 1, E)
-            return self.out_proj(y)
-        y = kernels.selective_scan(u, dt.transpose(1, 2), A, Bm.transpose(1, 2), Cm.transpose(1, 2), self.D,
-                                   z.transpose(1, 2), self.dt_proj.bias, None if cache is None else cache.ssm)
+        delta = torch.matmul(self.dt_proj.weight, self.dt_layernorm(dt).transpose(1, 2))  # (B, E, T), no bias
+        y = kernels.selective_scan(u, delta, -torch.exp(self.A_log.float()), self.b_layernorm(Bm).transpose(1, 2),
+                                   self.c_layernorm(Cm).transpose(1, 2), self.D, z, self.dt_proj.bias,
+                                   None if cache is None else cache.ssm, resume)  # (B, E, T)
         return self.out_proj(y.transpose(1, 2))  # (B, T, H)
+
+    def _step(self, x: torch.Tensor, cache: MambaCache) -> torch.Tensor:
+        """One decode step for x (B, 1, H): the conv and SSM states advance by one token."""
+        u, z = self.in_proj(x[:, 0]).chunk(2, dim=-1)  # (B, E) each
+        u = kernels.causal_conv1d_update(u, self.conv1d.weight.squeeze(1), self.conv1d.bias, cache.conv, self.act)
+        dt, Bm, Cm = self.x_proj(u).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        delta = F.linear(self.dt_layernorm(dt), self.dt_proj.weight)  # (B, E); the bias is added in fp32
+        y = kernels.selective_state_update(cache.ssm, u, delta, -torch.exp(self.A_log.float()),
+                                           self.b_layernorm(Bm), self.c_layernorm(Cm), self.D, z, self.dt_proj.bias)
+        return self.out_proj(y).unsqueeze(1)  # (B, 1, H)
 
 
 class MLP(nn.Module):
@@ -115,7 +155,7 @@ class MLP(nn.Module):
         self.act = kernels.ACT[cfg.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(kernels.act_mul(self.act, self.gate_proj(x), self.up_proj(x)))
 
 
 class Experts(nn.Module):
@@ -130,6 +170,12 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         # x: (T, H), idx/w: (T, k) -> (T, H)
+        ops = kernels.on_cuda(x) if self.act is F.silu else None
+        if ops is not None:  # no host sync: both paths can be captured in a CUDA graph
+            if idx.numel() <= 16:  # up to batch 8 the GEMVs beat grouped GEMM (benchmarks/bench_kernels.py)
+                return ops.triton.moe_decode(x, self.gate_up_proj, self.down_proj, idx, w)
+            if x.dtype == torch.bfloat16:  # the grouped GEMM kernel is bf16-only
+                return self._grouped(x, idx, w)
         out = torch.zeros_like(x)
         for e in idx.unique().tolist():
             tok, slot = torch.where(idx == e)
@@ -137,6 +183,22 @@ class Experts(nn.Module):
             y = F.linear(self.act(gate) * up, self.down_proj[e])
             out.index_add_(0, tok, (y * w[tok, slot, None]).to(x.dtype))
         return out
+
+    def _grouped(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """All experts in two grouped GEMMs over the (token, slot) pairs sorted by expert."""
+        t, k = idx.shape
+        flat = idx.flatten()  # (T·k,)
+        order = flat.argsort(stable=True)
+        counts = torch.zeros(self.gate_up_proj.shape[0], dtype=torch.long, device=x.device)
+        counts.scatter_add_(0, flat, torch.ones_like(flat))
+        offs = counts.cumsum(0).to(torch.int32)  # end row of each expert's group
+        rows = x[order // k]  # (T·k, H)
+        gate, up = torch._grouped_mm(rows, self.gate_up_proj.transpose(1, 2), offs=offs).chunk(2, dim=-1)
+        y = torch._grouped_mm(kernels.act_mul(self.act, gate, up), self.down_proj.transpose(1, 2), offs=offs)
+        y = y * w.flatten()[order, None]
+        unsorted = torch.empty_like(y)
+        unsorted[order] = y
+        return unsorted.view(t, k, -1).sum(1)  # a sum per token, no atomics: deterministic
 
 
 class SparseMoE(nn.Module):
@@ -169,12 +231,13 @@ class DecoderLayer(nn.Module):
         self.pre_ff_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, h: torch.Tensor, cache: AttnCache | MambaCache | None, offset: int,
-                attn_mask: torch.Tensor | None, pad_mask: torch.Tensor | None) -> torch.Tensor:
+                attn_mask: torch.Tensor | None, pad_mask: torch.Tensor | None,
+                key_mask: torch.Tensor | None = None, pos: torch.Tensor | None = None) -> torch.Tensor:
         x = self.input_layernorm(h)
         if self.is_attn:
-            x = self.self_attn(x, cache, offset, attn_mask)
+            x = self.self_attn(x, cache, offset, attn_mask, key_mask, pos)
         else:
-            x = self.mamba(x, cache, pad_mask)
+            x = self.mamba(x, cache, offset, pad_mask)
         h = h + x
         return h + self.feed_forward(self.pre_ff_layernorm(h))
 
@@ -219,19 +282,24 @@ class JambaForCausalLM(nn.Module):
         pad_mask = None
         if attention_mask is not None and not bool(attention_mask.all()):
             pad_mask = attention_mask.bool()
-        key_mask = pad_mask
+        key_mask, pos = pad_mask, None
         if cache is not None:
             cache.reserve(t)
             cache.record_padding(pad_mask, t)
-            key_mask = None if cache.key_mask is None else cache.key_mask[:, :offset + t]
-        attn_mask = _attention_mask(t, offset, key_mask, input_ids.device)
+            pos = cache.pos
+            key_mask = cache.key_mask if pos is not None else \
+                None if cache.key_mask is None else cache.key_mask[:, :offset + t]
+        attn_mask = None if t == 1 else _attention_mask(t, offset, key_mask, input_ids.device)
         h = self.model.embed_tokens(input_ids)  # (B, T, H); no position embedding
         for i, layer in enumerate(self.model.layers):
             h = h.to(layer.input_layernorm.weight.device)  # a model split over devices
             lc = cache.layers[i] if cache is not None else None
-            h = layer(h, lc, offset, _on(attn_mask, h.device), _on(pad_mask, h.device))
+            h = layer(h, lc, offset, _on(attn_mask, h.device), _on(pad_mask, h.device), _on(key_mask, h.device),
+                      _on(pos, h.device))
         if cache is not None:
             cache.offset += t
+            if pos is not None:
+                pos.add_(t)  # on the device, so a replayed CUDA graph advances it too
         h = self.model.final_layernorm(h)
         if last_only:
             h = h[:, -1:]
@@ -239,17 +307,16 @@ class JambaForCausalLM(nn.Module):
 
 
 def _attention_mask(t: int, offset: int, key_mask: torch.Tensor | None, device) -> torch.Tensor | None:
-    """Boolean (B or 1, 1, T, S) mask, or None where SDPA's own causal flag (or no mask) is exact."""
-    if key_mask is None and (t == 1 or offset == 0):
+    """Boolean (B, 1, T, S) mask for a padded batch, or None: plain causal attention needs none."""
+    if key_mask is None:
         return None
+    key_mask = key_mask[:, :offset + t]
     s = offset + t
     q_pos = torch.arange(offset, s, device=device)[:, None]
     k_pos = torch.arange(s, device=device)[None, :]
-    allowed = k_pos <= q_pos  # (T, S)
-    if key_mask is not None:
-        # a padding query attends to itself alone, so its row is never empty (no NaN)
-        allowed = allowed & (key_mask.to(device)[:, None, :] | (k_pos == q_pos))  # (B, T, S)
-    return allowed.unsqueeze(-3) if allowed.dim() == 3 else allowed[None, None]
+    # a padding query attends to itself alone, so its row is never empty (no NaN)
+    allowed = (k_pos <= q_pos) & (key_mask.to(device)[:, None, :] | (k_pos == q_pos))  # (B, T, S)
+    return allowed.unsqueeze(1)
 
 
 def _on(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:

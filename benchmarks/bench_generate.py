@@ -1,0 +1,301 @@
+"""Prefill and decode speed of jamba-cli against transformers, in one run on one GPU.
+
+    python benchmarks/bench_generate.py --out results.json [--shape mini] [--skip-hf]
+
+Builds random bf16 weights of the chosen shape in GPU memory (no checkpoint on disk), measures ours,
+frees it, builds transformers' JambaForCausalLM with the same weights (mamba-ssm / causal-conv1d kernels
+installed) and measures it the same way. Also measures the GPU's GEMV read bandwidth, so decode speed
+can be stated as a fraction of the memory-bound limit. Prints a table; writes everything as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import materialize, shape_config  # noqa: E402
+
+from jamba_cli.cache import make_cache  # noqa: E402
+from jamba_cli.config import JambaConfig  # noqa: E402
+from jamba_cli.generation import CUDAGraphDecoder  # noqa: E402
+from jamba_cli.model import JambaForCausalLM  # noqa: E402
+
+GB = 1e9
+
+
+def sync():
+    torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def gemv_bandwidth() -> float:
+    """Bytes/s of bf16 GEMVs over 1.9 GB of weights (far beyond L2), replayed from a CUDA graph."""
+    ws = [torch.randn(28672, 4096, dtype=torch.bfloat16, device="cuda") for _ in range(8)]
+    x = torch.randn(1, 4096, dtype=torch.bfloat16, device="cuda")
+    outs = [torch.nn.functional.linear(x, w) for w in ws]
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for w, o in zip(ws, outs):
+            o.copy_(torch.nn.functional.linear(x, w))
+    for _ in range(3):
+        g.replay()
+    t0 = sync()
+    reps = 20
+    for _ in range(reps):
+        g.replay()
+    seconds = sync() - t0
+    nbytes = sum(w.numel() * 2 for w in ws) * reps
+    del ws
+    return nbytes / seconds
+
+
+def active_bytes(cfg: JambaConfig) -> int:
+    """Weight bytes one decode token must read at batch 1 (bf16): all but the embedding table and the
+    experts not chosen."""
+    h, i, e = cfg.hidden_size, cfg.intermediate_size, cfg.d_inner
+    mlp = 3 * h * i
+    mamba = 2 * e * h + e * cfg.mamba_d_conv + e * (cfg.mamba_dt_rank + 2 * cfg.mamba_d_state) \
+        + cfg.mamba_dt_rank * e + 2 * e + e * cfg.mamba_d_state + e * h
+    attn = 2 * h * h + 2 * h * cfg.num_key_value_heads * cfg.head_dim
+    total = cfg.vocab_size * h  # lm_head
+    for layer in range(cfg.num_hidden_layers):
+        total += attn if cfg.is_attention(layer) else mamba
+        total += cfg.num_experts_per_tok * mlp + h * cfg.num_experts if cfg.is_moe(layer) else mlp
+    return 2 * total
+
+
+def peak_gb() -> float:
+    return torch.cuda.max_memory_allocated() / GB
+
+
+# ----------------------------------------------------------------------------------------------- ours
+
+def bench_ours(cfg_dict: dict, lengths: list[int], chunk: int, steps: int, log, profile: int = 0) -> dict:
+    config = JambaConfig.from_dict(cfg_dict)
+    t0 = time.perf_counter()
+    with torch.device("meta"):
+        model = JambaForCausalLM(config)
+    materialize(model, torch.bfloat16, "cuda")
+    model.eval()
+    out = {"build_seconds": time.perf_counter() - t0, "weights_gb": torch.cuda.memory_allocated() / GB}
+    log(f"ours: built in {out['build_seconds']:.1f} s, {out['weights_gb']:.1f} GB")
+    g = torch.Generator(device="cuda").manual_seed(0)
+
+    def prefill(ids, cache):
+        for s in range(0, ids.shape[1], chunk):
+            logits = model(ids[:, s:s + chunk], cache, last_only=True)
+        return logits
+
+    with torch.inference_mode():
+        ids = torch.randint(0, config.vocab_size, (1, 512), device="cuda", generator=g)
+        out["logits_512"] = model(ids, last_only=True)[0, -1].float().cpu().tolist()  # parity with transformers
+        prefill(torch.randint(0, config.vocab_size, (1, 4096), device="cuda", generator=g),
+                make_cache(config, 1, dtype=torch.bfloat16, device="cuda", capacity=4096))  # warm-up
+        out["prefill"] = {}
+        for n in lengths:
+            try:
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+                ids = torch.randint(0, config.vocab_size, (1, n), device="cuda", generator=g)
+                cache = make_cache(config, 1, dtype=torch.bfloat16, device="cuda", capacity=n)
+                t0 = sync()
+                prefill(ids, cache)
+                seconds = sync() - t0
+                out["prefill"][n] = {"tok_s": n / seconds, "seconds": seconds, "peak_gb": peak_gb()}
+                del cache, ids
+            except torch.OutOfMemoryError:
+                out["prefill"][n] = {"error": "out of memory", "peak_gb": peak_gb()}
+            log(f"ours: prefill {n}: {out['prefill'][n]}")
+        if profile:
+            from torch.profiler import ProfilerActivity, profile as torch_profile
+
+            ids = torch.randint(0, config.vocab_size, (1, profile), device="cuda", generator=g)
+            cache = make_cache(config, 1, dtype=torch.bfloat16, device="cuda", capacity=profile)
+            with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+                prefill(ids, cache)
+                torch.cuda.synchronize()
+            out["profile"] = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40)
+            log("ours: prefill profile\n" + "\n".join(out["profile"].splitlines()[:28]))
+            del cache
+        out["decode"] = {}
+        for batch in (1, 8):
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            prompt = 2048
+            ids = torch.randint(0, config.vocab_size, (batch, prompt), device="cuda", generator=g)
+            t0 = sync()
+            cache = make_cache(config, batch, dtype=torch.bfloat16, device="cuda",
+                               capacity=prompt + 2 * steps + 32, static=True)
+            tok = prefill(ids, cache)[:, -1].argmax(-1)
+            tok.cpu()
+            ttft = time.perf_counter() - t0
+            t0 = sync()
+            step = CUDAGraphDecoder(model, cache)
+            capture = sync() - t0
+            for _ in range(3):
+                tok = step(tok).argmax(-1)
+            t0 = sync()
+            for _ in range(steps):
+                tok = step(tok).argmax(-1)
+            graph_s = sync() - t0
+            t0 = sync()
+            for _ in range(steps):  # as the CLI does: the token goes to the host every step
+                tok = step(tok).argmax(-1)
+                tok.cpu()
+            synced_s = sync() - t0
+            eager_steps = 16
+            t0 = sync()
+            for _ in range(eager_steps):
+                tok = model(tok[:, None], cache)[:, -1].argmax(-1)
+            eager_s = sync() - t0
+            out["decode"][batch] = {
+                "prompt": prompt, "ttft_s": ttft, "graph_capture_s": capture,
+                "tok_s_per_seq": steps / graph_s, "tok_s_total": batch * steps / graph_s,
+                "tok_s_per_seq_host_sync": steps / synced_s, "tok_s_per_seq_eager": eager_steps / eager_s,
+                "peak_gb": peak_gb()}
+            log(f"ours: decode batch {batch}: {out['decode'][batch]}")
+            del cache, step
+    del model
+    return out
+
+
+# ----------------------------------------------------------------------------------------- transformers
+
+def bench_hf(cfg_dict: dict, lengths: list[int], steps: int, log) -> dict:
+    import warnings
+
+    from transformers import JambaConfig as HFConfig
+    from transformers import JambaForCausalLM as HFModel
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf_cfg = HFConfig(**cfg_dict, use_mamba_kernels=True)
+    t0 = time.perf_counter()
+    with torch.device("meta"):
+        model = HFModel(hf_cfg)
+    materialize(model, torch.bfloat16, "cuda")
+    model.eval()
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    out = {"build_seconds": time.perf_counter() - t0}
+    log(f"hf: built in {out['build_seconds']:.1f} s")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    with torch.inference_mode():
+        ids = torch.randint(0, hf_cfg.vocab_size, (1, 512), device="cuda", generator=g)
+        out["logits_512"] = model(ids, logits_to_keep=1).logits[0, -1].float().cpu().tolist()
+        model(torch.randint(0, hf_cfg.vocab_size, (1, 4096), device="cuda", generator=g), logits_to_keep=1)
+        out["prefill"] = {}
+        for n in lengths:
+            try:
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+                ids = torch.randint(0, hf_cfg.vocab_size, (1, n), device="cuda", generator=g)
+                t0 = sync()
+                model(ids, use_cache=True, logits_to_keep=1)
+                seconds = sync() - t0
+                out["prefill"][n] = {"tok_s": n / seconds, "seconds": seconds, "peak_gb": peak_gb()}
+            except torch.OutOfMemoryError:
+                out["prefill"][n] = {"error": "out of memory", "peak_gb": peak_gb()}
+            log(f"hf: prefill {n}: {out['prefill'][n]}")
+            gc.collect()
+            torch.cuda.empty_cache()
+        out["decode"] = {}
+        for batch in (1, 8):
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            ids = torch.randint(0, hf_cfg.vocab_size, (batch, 2048), device="cuda", generator=g)
+            mask = torch.ones_like(ids)
+            run = lambda n: model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                                           do_sample=False)
+            t0 = sync()
+            run(1)
+            ttft = sync() - t0
+            t0 = sync()
+            run(steps + 1)
+            total = sync() - t0
+            out["decode"][batch] = {"prompt": 2048, "ttft_s": ttft, "tok_s_per_seq": steps / (total - ttft),
+                                    "tok_s_total": batch * steps / (total - ttft), "peak_gb": peak_gb()}
+            log(f"hf: decode batch {batch}: {out['decode'][batch]}")
+    del model
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--shape", default="mini")
+    ap.add_argument("--layers", type=int)
+    ap.add_argument("--lengths", default="2048,16384,65536,262144")
+    ap.add_argument("--hf-lengths", default="2048,16384,65536,262144")
+    ap.add_argument("--chunk", type=int, default=16384, help="prefill chunk (tokens)")
+    ap.add_argument("--steps", type=int, default=128)
+    ap.add_argument("--hf-steps", type=int, default=32)
+    ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--profile", type=int, default=0, help="also profile a prefill of this many tokens")
+    args = ap.parse_args()
+    cfg = shape_config(args.shape, args.layers)
+    results = {"shape": args.shape, "config": cfg, "device": torch.cuda.get_device_name(),
+               "torch": torch.__version__}
+
+    def log(msg):
+        print(msg, flush=True)
+        args.out.write_text(json.dumps(results, indent=1))
+
+    results["gemv_bandwidth_gb_s"] = gemv_bandwidth() / GB
+    config = JambaConfig.from_dict(cfg)
+    results["decode_bytes_per_token_gb"] = active_bytes(config) / GB
+    results["decode_limit_tok_s"] = results["gemv_bandwidth_gb_s"] / results["decode_bytes_per_token_gb"]
+    log(f"GEMV bandwidth {results['gemv_bandwidth_gb_s']:.0f} GB/s; {results['decode_bytes_per_token_gb']:.2f} "
+        f"GB/token -> decode limit {results['decode_limit_tok_s']:.1f} tok/s")
+    lengths = [int(x) for x in args.lengths.split(",") if x]
+    try:
+        results["ours"] = bench_ours(cfg, lengths, args.chunk, args.steps, log, args.profile)
+    except Exception:
+        results["ours_error"] = traceback.format_exc()
+        log(results["ours_error"])
+    gc.collect()
+    torch.cuda.empty_cache()
+    if not args.skip_hf:
+        try:
+            results["hf"] = bench_hf(cfg, [int(x) for x in args.hf_lengths.split(",") if x], args.hf_steps, log)
+        except Exception:
+            results["hf_error"] = traceback.format_exc()
+            log(results["hf_error"])
+    if "ours" in results and "hf" in results:
+        a, b = torch.tensor(results["ours"]["logits_512"]), torch.tensor(results["hf"]["logits_512"])
+        results["logits_cosine_vs_hf"] = torch.nn.functional.cosine_similarity(a, b, dim=0).item()
+        results["logits_argmax_equal"] = bool(a.argmax() == b.argmax())
+    log("done")
+    print_table(results)
+
+
+def print_table(r: dict) -> None:
+    print(f"\n{r['device']}, shape {r['shape']}, limit {r['decode_limit_tok_s']:.1f} tok/s "
+          f"({r['gemv_bandwidth_gb_s']:.0f} GB/s GEMV)")
+    for who in ("ours", "hf"):
+        res = r.get(who)
+        if not res:
+            continue
+        for n, p in res.get("prefill", {}).items():
+            tok = f"{p['tok_s']:.0f} tok/s" if "tok_s" in p else p["error"]
+            print(f"{who:5s} prefill {int(n):>7d}: {tok:>14s}  peak {p['peak_gb']:.1f} GB")
+        for bsz, d in res.get("decode", {}).items():
+            pct = 100 * d["tok_s_per_seq"] / r["decode_limit_tok_s"] if int(bsz) == 1 else math.nan
+            print(f"{who:5s} decode  batch {bsz}: {d['tok_s_per_seq']:.1f} tok/s/seq ({d['tok_s_total']:.0f} total)"
+                  f"  TTFT {d['ttft_s'] * 1000:.0f} ms  {'' if math.isnan(pct) else f'{pct:.0f}% of limit'}")
+    if "logits_cosine_vs_hf" in r:
+        print(f"last-token logits, ours vs transformers: cosine {r['logits_cosine_vs_hf']:.5f}, "
+              f"argmax equal {r['logits_argmax_equal']}")
+
+
+if __name__ == "__main__":
+    main()

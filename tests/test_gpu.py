@@ -1,0 +1,134 @@
+"""GPU fast path against the plain path (run on a CUDA machine; skipped elsewhere).
+
+Kernel path (mamba-ssm, causal-conv1d, our Triton kernels, grouped GEMMs) vs the PyTorch path on the
+same weights; chunked prefill and decode vs one whole-prompt pass on the kernel path; CUDA-graph decode
+vs eager decode; and the kernel path against transformers' JambaForCausalLM on the GPU. The exactness
+checks run in fp32 (all kernels support it), so a mistake cannot hide in bf16 rounding.
+"""
+
+import copy
+
+import pytest
+import torch
+
+from jamba_cli import kernels
+from jamba_cli.cache import make_cache
+from jamba_cli.generation import CUDAGraphDecoder, generate_step
+from jamba_cli.loader import load
+from conftest import CONFIGS, make_hf_model, save_checkpoint
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available() or kernels.cuda_ops() is None,
+                                 reason="needs CUDA with mamba-ssm, causal-conv1d and triton")]
+
+
+def _rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.fixture(scope="module")
+def gpu_ckpt(tmp_path_factory, tokenizer_dir):
+    # the Mini schedule with a realistic init scale, so bf16 rounding is not amplified layer after layer
+    reference = make_hf_model(**{**CONFIGS["mini"], "initializer_range": 0.02})
+    return save_checkpoint(reference, tmp_path_factory.mktemp("gpu"), tokenizer_dir), reference
+
+
+@pytest.fixture(scope="module")
+def fp32(gpu_ckpt):
+    return load(gpu_ckpt[0], dtype="fp32", device="cuda")[0]
+
+
+@pytest.fixture(scope="module")
+def bf16(gpu_ckpt):
+    return load(gpu_ckpt[0], dtype="bf16", device="cuda")[0]
+
+
+@pytest.fixture
+def torch_kernels():
+    kernels.use("torch")
+    yield
+    kernels.use("auto")
+
+
+def _ids(b, t, seed):
+    return torch.randint(3, 300, (b, t), generator=torch.Generator().manual_seed(seed)).cuda()
+
+
+@pytest.mark.parametrize("dtype, tol", [("fp32", 2e-3), ("bf16", 3e-2)])
+def test_kernel_path_equals_torch_path(fp32, bf16, torch_kernels, dtype, tol):
+    model = fp32 if dtype == "fp32" else bf16
+    ids = _ids(2, 300, 0)  # 600 (token, slot) pairs: the grouped-GEMM experts in bf16
+    with torch.no_grad():
+        plain = model(ids)
+        kernels.use("auto")
+        fast = model(ids)
+    assert _rel(fast, plain) < tol
+
+
+@pytest.mark.parametrize("cuts", [(100, 250), (1, 2), (7, 300), (2, 3)])
+def test_chunked_prompt_equals_whole_on_kernel_path(fp32, cuts):
+    ids = _ids(2, 333, 2)
+    a, b = cuts
+    with torch.no_grad():
+        whole = fp32(ids)
+        cache = make_cache(fp32.config, 2, dtype=torch.float32, device="cuda")
+        parts = torch.cat([fp32(ids[:, :a], cache), fp32(ids[:, a:b], cache), fp32(ids[:, b:], cache)], 1)
+    assert _rel(parts, whole) < 1e-4
+
+
+def test_decode_equals_whole_prompt_on_kernel_path(fp32):
+    ids = _ids(2, 40, 1)
+    with torch.no_grad():
+        whole = fp32(ids)
+        cache = make_cache(fp32.config, 2, dtype=torch.float32, device="cuda")
+        steps = [fp32(ids[:, :20], cache)] + [fp32(ids[:, t:t + 1], cache) for t in range(20, 40)]
+    assert _rel(torch.cat(steps, 1), whole) < 1e-4
+
+
+def test_graph_decode_equals_eager_decode(bf16):
+    ids = _ids(2, 50, 3)
+    with torch.no_grad():
+        caches = [make_cache(bf16.config, 2, dtype=torch.bfloat16, device="cuda", capacity=64, static=True)
+                  for _ in range(2)]
+        for cache in caches:
+            bf16(ids[:, :30], cache)
+        step = CUDAGraphDecoder(bf16, caches[1])
+        for t in range(30, 50):
+            want = bf16(ids[:, t:t + 1], caches[0])[:, -1]
+            assert torch.equal(step(ids[:, t]), want), t
+    assert caches[1].offset == caches[0].offset == 50 and caches[1].pos.item() == 50
+
+
+def test_greedy_generation_with_graphs_matches_without(bf16):
+    prompt = _ids(1, 16, 4)[0]
+    with_graph = [int(t) for t in generate_step(bf16, prompt, max_tokens=24)]
+    without = [int(t) for t in generate_step(bf16, prompt, max_tokens=24, cuda_graph=False)]
+    assert with_graph == without
+
+
+def test_moe_kernels_agree(bf16):
+    experts = bf16.model.layers[1].feed_forward.experts
+    g = torch.Generator(device="cuda").manual_seed(5)
+    ops = kernels.cuda_ops()
+    for t in (1, 3, 40):
+        x = torch.randn(t, bf16.config.hidden_size, device="cuda", generator=g).bfloat16()
+        w, idx = torch.randn(t, 4, device="cuda", generator=g).softmax(-1).topk(2)
+        w = w.bfloat16()
+        kernels.use("torch")
+        try:
+            loop = experts(x, idx, w)
+        finally:
+            kernels.use("auto")
+        assert _rel(ops.triton.moe_decode(x, experts.gate_up_proj, experts.down_proj, idx, w), loop) < 1e-2
+        assert _rel(experts._grouped(x, idx, w), loop) < 1e-2
+
+
+def test_kernel_path_close_to_transformers_on_gpu(gpu_ckpt, bf16, fp32):
+    reference = gpu_ckpt[1]
+    ids = _ids(1, 64, 6)
+    with torch.no_grad():
+        want32 = copy.deepcopy(reference).to("cuda")(ids).logits
+        want16 = copy.deepcopy(reference).to("cuda", torch.bfloat16)(ids).logits
+        got32, got16 = fp32(ids), bf16(ids)
+    assert _rel(got32, want32) < 2e-3
+    assert _rel(got16, want32) < 1.5 * _rel(want16, want32) + 1e-2
