@@ -26,7 +26,7 @@ from common import materialize, shape_config  # noqa: E402
 
 from jamba_cli.cache import make_cache  # noqa: E402
 from jamba_cli.config import JambaConfig  # noqa: E402
-from jamba_cli.generation import CUDAGraphDecoder  # noqa: E402
+from jamba_cli.generation import CUDAGraphDecoder, prefill_chunk_size  # noqa: E402
 from jamba_cli.model import JambaForCausalLM  # noqa: E402
 
 GB = 1e9
@@ -91,8 +91,10 @@ def bench_ours(cfg_dict: dict, lengths: list[int], chunk: int, steps: int, log, 
     g = torch.Generator(device="cuda").manual_seed(0)
 
     def prefill(ids, cache):
-        for s in range(0, ids.shape[1], chunk):
-            logits = model(ids[:, s:s + chunk], cache, last_only=True)
+        step = chunk or prefill_chunk_size(model)  # the library's choice unless --chunk is given
+        out.setdefault("chunks", {})[ids.shape[1]] = step
+        for s in range(0, ids.shape[1], step):
+            logits = model(ids[:, s:s + step], cache, last_only=True)
         return logits
 
     with torch.inference_mode():
@@ -152,6 +154,14 @@ def bench_ours(cfg_dict: dict, lengths: list[int], chunk: int, steps: int, log, 
                 tok = step(tok).argmax(-1)
                 tok.cpu()
             synced_s = sync() - t0
+            if profile and batch == 1:
+                from torch.profiler import ProfilerActivity, profile as torch_profile
+
+                with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    for _ in range(8):
+                        tok = model(tok[:, None], cache)[:, -1].argmax(-1)
+                    torch.cuda.synchronize()
+                out["decode_profile"] = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40)
             eager_steps = 16
             t0 = sync()
             for _ in range(eager_steps):
@@ -236,7 +246,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int)
     ap.add_argument("--lengths", default="2048,16384,65536,262144")
     ap.add_argument("--hf-lengths", default="2048,16384,65536,262144")
-    ap.add_argument("--chunk", type=int, default=16384, help="prefill chunk (tokens)")
+    ap.add_argument("--chunk", type=int, default=0, help="prefill chunk in tokens (default: the library's)")
     ap.add_argument("--steps", type=int, default=128)
     ap.add_argument("--hf-steps", type=int, default=32)
     ap.add_argument("--skip-hf", action="store_true")

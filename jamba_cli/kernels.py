@@ -51,9 +51,15 @@ def cuda_ops() -> SimpleNamespace | None:
                            state_update=selective_state_update, triton=triton_ops)
 
 
-def on_cuda(x: torch.Tensor) -> SimpleNamespace | None:
-    """The CUDA kernels to use for `x`, or None for the PyTorch path."""
+def on_cuda(x: torch.Tensor, differentiable: bool = False) -> SimpleNamespace | None:
+    """The CUDA kernels to use for `x`, or None for the PyTorch path.
+
+    Our Triton kernels have no backward: while autograd records (training), only the kernels that do
+    (`differentiable`: mamba-ssm's scan, causal-conv1d's conv) are used.
+    """
     if _backend != "auto" or not x.is_cuda:
+        return None
+    if not differentiable and torch.is_grad_enabled() and x.requires_grad:
         return None
     return cuda_ops()
 
@@ -83,7 +89,7 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     and is left holding the last K-1 inputs.
     """
     k = weight.shape[-1]
-    ops = on_cuda(x) if activation in ("silu", "swish") else None
+    ops = on_cuda(x, differentiable=state is None) if activation in ("silu", "swish") else None
     if ops is not None:
         # The kernel takes a start state only in the channel-last layout, so it runs from zeros and the
         # first K-1 outputs, the only ones the state reaches, are recomputed from it.
@@ -125,7 +131,7 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, Bm: to
     h starts from `state` when `resume` (else from zero) and `state` is left holding the last h.
     """
     h0 = state if resume else None
-    ops = on_cuda(u)
+    ops = on_cuda(u, differentiable=h0 is None)
     if ops is not None:
         y, last = ops.scan(u, delta, A, Bm, Cm, D.float(), z if h0 is None else None, delta_bias.float(),
                            delta_softplus=True, return_last_state=True)

@@ -111,6 +111,17 @@ class MambaMixer(nn.Module):
         self.dt_layernorm = RMSNorm(r, cfg.rms_norm_eps)
         self.b_layernorm = RMSNorm(n, cfg.rms_norm_eps)
         self.c_layernorm = RMSNorm(n, cfg.rms_norm_eps)
+        self._A, self._A_key = None, None
+
+    def neg_A(self) -> torch.Tensor:
+        """A = -exp(A_log) in fp32 (E, N); kept between calls while A_log is unchanged, since a decode step
+        would otherwise spend three kernel launches per layer recomputing it."""
+        if torch.is_grad_enabled() and self.A_log.requires_grad:
+            return -torch.exp(self.A_log.float())
+        key = (self.A_log.data_ptr(), self.A_log._version)
+        if key != self._A_key:
+            self._A, self._A_key = -torch.exp(self.A_log.float()), key
+        return self._A
 
     def forward(self, x: torch.Tensor, cache: MambaCache | None, offset: int,
                 pad_mask: torch.Tensor | None) -> torch.Tensor:
@@ -130,7 +141,7 @@ class MambaMixer(nn.Module):
             u = u * pad_mask.unsqueeze(1)
         dt, Bm, Cm = self.x_proj(u.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = torch.matmul(self.dt_proj.weight, self.dt_layernorm(dt).transpose(1, 2))  # (B, E, T), no bias
-        y = kernels.selective_scan(u, delta, -torch.exp(self.A_log.float()), self.b_layernorm(Bm).transpose(1, 2),
+        y = kernels.selective_scan(u, delta, self.neg_A(), self.b_layernorm(Bm).transpose(1, 2),
                                    self.c_layernorm(Cm).transpose(1, 2), self.D, z, self.dt_proj.bias,
                                    None if cache is None else cache.ssm, resume)  # (B, E, T)
         return self.out_proj(y.transpose(1, 2))  # (B, T, H)
@@ -141,7 +152,7 @@ class MambaMixer(nn.Module):
         u = kernels.causal_conv1d_update(u, self.conv1d.weight.squeeze(1), self.conv1d.bias, cache.conv, self.act)
         dt, Bm, Cm = self.x_proj(u).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = F.linear(self.dt_layernorm(dt), self.dt_proj.weight)  # (B, E); the bias is added in fp32
-        y = kernels.selective_state_update(cache.ssm, u, delta, -torch.exp(self.A_log.float()),
+        y = kernels.selective_state_update(cache.ssm, u, delta, self.neg_A(),
                                            self.b_layernorm(Bm), self.c_layernorm(Cm), self.D, z, self.dt_proj.bias)
         return self.out_proj(y).unsqueeze(1)  # (B, 1, H)
 
