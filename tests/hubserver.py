@@ -11,8 +11,9 @@ CDN origin:
 
 Errors carry the headers the Hub sends (X-Error-Code RepoNotFound / GatedRepo / RevisionNotFound /
 EntryNotFound); unknown repos answer 401 without a token and 404 with one, like the Hub. Every request is
-recorded in `hub.log`. `hub.drop(path, at=N)` makes the next GET of that file's blob close the connection
-after byte N, and with `outage=True` every later request gets 503 until `hub.down` is set back to False.
+recorded in `hub.log`. `hub.drop(repo_id, path, at=N)` makes the next GET of that file's blob close the
+connection after byte N, and with `outage=True` every later request gets 503 until `hub.down` is set back
+to False. `repo.claimed_sizes` makes the listing state a size other than the content's.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ import re
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
 LFS_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".model")
@@ -66,11 +66,8 @@ class FakeHub:
             s.shutdown()
             s.server_close()
 
-    def add_commit(self, repo_id: str, files: dict[str, bytes] | Path, *, ref: str = "main",
-                   gated: bool = False) -> str:
-        """Publish `files` (a dict or a directory) as a new commit that `ref` points to; returns its sha."""
-        if isinstance(files, Path):
-            files = {p.relative_to(files).as_posix(): p.read_bytes() for p in sorted(files.rglob("*")) if p.is_file()}
+    def add_commit(self, repo_id: str, files: dict[str, bytes], *, ref: str = "main", gated: bool = False) -> str:
+        """Publish `files` as a new commit of `repo_id` that `ref` points to; returns the commit sha."""
         digest = hashlib.sha1(repo_id.encode())
         for name in sorted(files):
             digest.update(name.encode() + b"\0" + files[name])
@@ -164,11 +161,10 @@ class _Handler(BaseHTTPRequestHandler):
         parts = urlsplit(self.path)
         query = parse_qs(parts.query)
         path = unquote(parts.path)
-        m = re.fullmatch(r"/api/models/([^/]+/[^/]+)(?:/(revision|tree)/([^/]+)(?:/(.*))?)?", path)
+        m = re.fullmatch(r"/api/models/([^/]+/[^/]+)(?:/(revision|tree)/([^/]+))?", path)
         if m:
-            repo_id, kind, rev = m.group(1), m.group(2), m.group(3) or "main"
-            return self._api(repo_id, kind or "revision", rev, query.get("blobs") == ["True"] or
-                             query.get("blobs") == ["true"])
+            repo_id, kind, rev = m.group(1), m.group(2) or "revision", m.group(3) or "main"
+            return self._api(repo_id, kind, rev, query.get("blobs", [""])[0].lower() == "true")
         m = re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)
         if m:
             return self._resolve(*m.groups())
@@ -196,29 +192,24 @@ class _Handler(BaseHTTPRequestHandler):
         if found is None:
             return
         sha, files = found
-
         repo = self.server.hub.repos[repo_id]
 
-        def lfs(name: str, data: bytes) -> dict:
-            return {"sha256": hashlib.sha256(data).hexdigest(), "size": size(name, data), "pointerSize": 134}
-
-        def size(name: str, data: bytes) -> int:
-            return repo.claimed_sizes.get(name, len(data))
+        def meta(name: str, data: bytes) -> dict:  # what the Hub reports per file when asked for blobs
+            size = repo.claimed_sizes.get(name, len(data))
+            out = {"blobId": git_blob_sha1(data), "size": size}
+            if name.endswith(LFS_SUFFIXES):
+                out["lfs"] = {"sha256": hashlib.sha256(data).hexdigest(), "size": size, "pointerSize": 134}
+            return out
 
         if kind == "tree":
-            return self._json([
-                {"type": "file", "oid": git_blob_sha1(data), "size": size(name, data), "path": name,
-                 **({"lfs": {"oid": lfs(name, data)["sha256"], "size": size(name, data), "pointerSize": 134}}
-                    if name.endswith(LFS_SUFFIXES) else {})}
-                for name, data in sorted(files.items())])
-        siblings = []
-        for name, data in sorted(files.items()):
-            s = {"rfilename": name}
-            if blobs:
-                s.update(blobId=git_blob_sha1(data), size=size(name, data))
-                if name.endswith(LFS_SUFFIXES):
-                    s["lfs"] = lfs(name, data)
-            siblings.append(s)
+            tree = []
+            for name, data in sorted(files.items()):
+                m = meta(name, data)
+                tree.append({"type": "file", "oid": m["blobId"], "size": m["size"], "path": name})
+                if "lfs" in m:
+                    tree[-1]["lfs"] = {"oid": m["lfs"]["sha256"], "size": m["size"], "pointerSize": 134}
+            return self._json(tree)
+        siblings = [{"rfilename": name, **(meta(name, data) if blobs else {})} for name, data in sorted(files.items())]
         self._json({"_id": sha[:24], "id": repo_id, "modelId": repo_id, "sha": sha, "private": False,
                     "gated": "manual" if repo.gated else False, "disabled": False, "tags": [],
                     "lastModified": "2025-07-01T00:00:00.000Z", "siblings": siblings})

@@ -1,12 +1,11 @@
 """`jamba download` library against a local Hub (tests/hubserver.py) that huggingface_hub talks to over real
 HTTP: HF_ENDPOINT points at it, and the checkpoint it serves is a real one that the loader then loads.
 
-hub.py reads HF_ENDPOINT / HF_HUB_CACHE / HF_HUB_OFFLINE per call and hands them to huggingface_hub, so
-in-process tests set them with monkeypatch. huggingface_hub itself reads them once at import (this process
-imported it long ago, through transformers), which is why one test runs a fresh interpreter with only the
-environment set, as the CLI runs.
+huggingface_hub reads HF_ENDPOINT, HF_HUB_CACHE and HF_HUB_OFFLINE once, at import: in this process long ago
+(transformers imports it). So the `hub` fixture sets the environment, which hub.py reads per call, and also
+the values huggingface_hub took from it; one test runs a fresh interpreter with only the environment set,
+as the CLI runs.
 """
-
 from __future__ import annotations
 
 import hashlib
@@ -19,7 +18,6 @@ from pathlib import Path
 import pytest
 
 from hubserver import TOKEN, FakeHub
-from jamba_cli import hub as jhub
 from jamba_cli.hub import HubError, cached_repo_ids, download, is_cached, plan_download
 
 REPO = "ai21labs/jamba-tiny"
@@ -58,7 +56,7 @@ def hub(server, monkeypatch, tmp_path, repo_files):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "home"))
     for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE"):
         monkeypatch.delenv(var, raising=False)
-    # huggingface_hub read these at import; its side requests (e.g. the agent registry) must stay local too
+    # what huggingface_hub read at import; its own side requests (the agent registry) must stay local too
     monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", server.url)
     monkeypatch.setattr(huggingface_hub.constants, "HUGGINGFACE_CO_URL_TEMPLATE",
                         server.url + "/{repo_id}/resolve/{revision}/{filename}")
@@ -172,7 +170,7 @@ def test_offline_uses_the_cache_or_says_how_to_fill_it(hub, tmp_path, monkeypatc
     assert "cannot be reached" in hub_error(download, "ai21labs/other")
 
 
-def test_not_found_gated_and_token_handling(hub, tmp_path, repo_files, monkeypatch):
+def test_not_found_gated_and_token_handling(hub, tmp_path, repo_files, monkeypatch, capsys):
     assert "repository ai21labs/missing not found" in hub_error(download, "ai21labs/missing")
     assert "not found" in hub_error(download, "ai21labs/missing", token=TOKEN)
     assert "not found" in hub_error(plan_download, "ai21labs/missing")
@@ -190,6 +188,15 @@ def test_not_found_gated_and_token_handling(hub, tmp_path, repo_files, monkeypat
     assert (path / "model.safetensors").read_bytes() == repo_files[SHARD1]
     assert all(r["auth"] == f"Bearer {TOKEN}" for r in hub.log if not r["cdn"] and "/ai21labs/" in r["path"])
     assert [r["auth"] for r in hub.log if r["cdn"]] == [None]  # the token never leaves the Hub's origin
+    assert capsys.readouterr() == ("", "")
+
+
+def where(tmp_path, local_dir, name, repo_files) -> tuple[Path, Path]:
+    """Final and partial paths of an LFS file, named as huggingface_hub 0.x names them."""
+    digest = sha256(repo_files[name])
+    if local_dir is None:
+        return cache(tmp_path) / "blobs" / digest, cache(tmp_path) / "blobs" / f"{digest}.incomplete"
+    return local_dir / name, local_dir / ".cache" / "huggingface" / "download" / f"{name}.{digest}.incomplete"
 
 
 @pytest.mark.parametrize("target", ["cache", "local_dir"])
@@ -201,8 +208,8 @@ def test_interrupted_download_resumes_on_the_next_run(hub, tmp_path, repo_files,
     hub.drop(REPO, SHARD2, at=12_000_000, outage=True)  # cut mid-shard, then the Hub goes down
     assert "run the command again to resume" in hub_error(download, REPO, local_dir=local_dir)
 
-    final1, partial1, _ = jhub._Layout(REPO, "", None, local_dir).paths(SHARD1, sha256(repo_files[SHARD1]))
-    final2, partial2, _ = jhub._Layout(REPO, "", None, local_dir).paths(SHARD2, sha256(repo_files[SHARD2]))
+    final1, partial1 = where(tmp_path, local_dir, SHARD1, repo_files)
+    final2, partial2 = where(tmp_path, local_dir, SHARD2, repo_files)
     assert final1.read_bytes() == repo_files[SHARD1] and not partial1.exists()
     assert not final2.exists()  # nothing half-written where the complete file belongs
     kept = partial2.stat().st_size
@@ -228,7 +235,15 @@ def test_connection_dropped_once_is_resumed_in_the_same_run(hub, repo_files, cap
     assert capsys.readouterr().err == ""  # huggingface_hub's retry warnings are kept off the terminal
     assert (path / SHARD2).read_bytes() == repo_files[SHARD2]
     first, second = hub.blob_gets(REPO, SHARD2)
-    assert first["dropped"] and second["range"] == f"bytes={10 * 2**20}-"  # from the last chunk written
+    start = int(second["range"].removeprefix("bytes=").rstrip("-"))  # from the last chunk written to disk
+    assert first["dropped"] and 0 < start <= 11_000_000 and second["sent"] == len(repo_files[SHARD2]) - start
+
+
+def test_corrupted_transfer_is_thrown_away(hub, tmp_path, repo_files):
+    data = repo_files[SHARD1]
+    hub.blobs[sha256(data)] = data[:-1] + bytes([data[-1] ^ 1])  # the CDN serves one flipped bit
+    assert "failed its sha256 check" in hub_error(download, REPO, [SHARD1])
+    assert not any(p.exists() for p in where(tmp_path, None, SHARD1, repo_files))
 
 
 def test_disk_full(hub, tmp_path, repo_files):
@@ -257,7 +272,8 @@ def test_both_local_and_cache_dir_is_an_error(hub, tmp_path):
 
 def test_fresh_process_reads_the_environment(hub, tmp_path):
     """As the CLI runs: huggingface_hub reads HF_ENDPOINT, HF_HUB_CACHE and HF_HUB_OFFLINE at import."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    root = str(Path(__file__).parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
     code = f"from jamba_cli.hub import download; print(download({REPO!r}))"
     want = cache(tmp_path) / "snapshots" / hub.repos[REPO].refs["main"]
     online = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
