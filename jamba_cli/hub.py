@@ -33,7 +33,7 @@ class HubError(JambaError):
     """A Hub download failed; the message is one line and never contains the token."""
 
 
-def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+def _cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
     """The HF hub cache folder, from the environment as huggingface_hub resolves it."""
     if cache_dir is not None:
         return Path(cache_dir).expanduser()
@@ -46,7 +46,7 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
 
 
 def _repo_dir(repo_id: str, cache_dir) -> Path:
-    return cache_root(cache_dir) / ("models--" + repo_id.replace("/", "--"))
+    return _cache_root(cache_dir) / ("models--" + repo_id.replace("/", "--"))
 
 
 def is_cached(repo_id: str, revision: str | None = None, cache_dir=None) -> bool:
@@ -76,7 +76,7 @@ def is_cached(repo_id: str, revision: str | None = None, cache_dir=None) -> bool
 def cached_repo_ids(cache_dir=None) -> list[str]:
     """Repo ids in the local HF cache with a snapshot that has a config.json (for --model completion)."""
     try:
-        entries = list(os.scandir(cache_root(cache_dir)))
+        entries = list(os.scandir(_cache_root(cache_dir)))
     except OSError:
         return []
     return sorted(e.name[len("models--"):].replace("--", "/") for e in entries
@@ -125,7 +125,7 @@ def download(repo_id: str, filenames: list[str] | None = None, *, revision: str 
         raise HubError("use either a local dir or a cache dir, not both")
     endpoint = _endpoint()
     offline = offline or constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in _TRUE
-    where = dict(cache_dir=str(cache_root(cache_dir)), local_dir=None if local_dir is None else str(local_dir))
+    where = dict(cache_dir=str(_cache_root(cache_dir)), local_dir=None if local_dir is None else str(local_dir))
     cached = dict(allow_patterns=filenames or include or DEFAULT_INCLUDE,
                   ignore_patterns=None if filenames else exclude)
     with _hub_errors(repo_id, revision, endpoint), _hf_quiet():
@@ -157,7 +157,7 @@ class _Layout:
     def __init__(self, repo_id: str, commit: str, cache_dir, local_dir):
         self.local = Path(local_dir).expanduser() if local_dir is not None else None
         self.repo, self.commit = _repo_dir(repo_id, cache_dir), commit
-        self.root = self.local or cache_root(cache_dir)
+        self.root = self.local or _cache_root(cache_dir)
 
     def complete(self, name: str, entry) -> bool:
         if self.local is not None:
@@ -290,7 +290,7 @@ def _hub_errors(repo_id: str, revision: str | None, endpoint: str):
     """Turn huggingface_hub and OS errors into one-line HubErrors; no message quotes the token."""
     from huggingface_hub import errors as e
 
-    again = "run the command again to resume"
+    again = "run the command again (a download resumes where it stopped)"
     try:
         yield
     except HubError:
@@ -304,7 +304,7 @@ def _hub_errors(repo_id: str, revision: str | None, endpoint: str):
     except e.RevisionNotFoundError:
         raise HubError(f"revision {revision!r} not found in {repo_id}") from None
     except e.LocalEntryNotFoundError:  # the Hub went away half-way and the cache cannot stand in
-        raise HubError(f"lost the connection to {endpoint}; {again}") from None
+        raise HubError(f"cannot reach {endpoint}: check the connection and {again}") from None
     except e.EntryNotFoundError:
         raise HubError(f"a requested file is not in {repo_id} at revision {revision or 'main'}") from None
     except e.HfHubHTTPError as err:
@@ -318,7 +318,7 @@ def _hub_errors(repo_id: str, revision: str | None, endpoint: str):
     except e.OfflineModeIsEnabled:
         raise HubError("this needs the Hub, and offline mode is on (HF_HUB_OFFLINE)") from None
     except _network_errors():  # before OSError: requests' errors are OSErrors too
-        raise HubError(f"lost the connection to {endpoint}; {again}") from None
+        raise HubError(f"cannot reach {endpoint}: check the connection and {again}") from None
     except OSError as err:
         if err.errno != errno.ENOSPC:
             raise

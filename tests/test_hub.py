@@ -206,7 +206,7 @@ def test_interrupted_download_resumes_on_the_next_run(hub, tmp_path, repo_files,
     local_dir = tmp_path / "out" if target == "local_dir" else None
     size = len(repo_files[SHARD2])
     hub.drop(REPO, SHARD2, at=12_000_000, outage=True)  # cut mid-shard, then the Hub goes down
-    assert "run the command again to resume" in hub_error(download, REPO, local_dir=local_dir)
+    assert "a download resumes where it stopped" in hub_error(download, REPO, local_dir=local_dir)
 
     final1, partial1 = where(tmp_path, local_dir, SHARD1, repo_files)
     final2, partial2 = where(tmp_path, local_dir, SHARD2, repo_files)
