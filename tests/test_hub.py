@@ -270,10 +270,15 @@ def test_both_local_and_cache_dir_is_an_error(hub, tmp_path):
     assert "not both" in hub_error(download, REPO, local_dir=tmp_path / "a", cache_dir=tmp_path / "b")
 
 
+def python_env() -> dict[str, str]:
+    """This environment, with the checkout importable (CI installs the package; locally PYTHONPATH does)."""
+    root = str(Path(__file__).parents[1])
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+
+
 def test_fresh_process_reads_the_environment(hub, tmp_path):
     """As the CLI runs: huggingface_hub reads HF_ENDPOINT, HF_HUB_CACHE and HF_HUB_OFFLINE at import."""
-    root = str(Path(__file__).parents[1])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    env = python_env()
     code = f"from jamba_cli.hub import download; print(download({REPO!r}))"
     want = cache(tmp_path) / "snapshots" / hub.repos[REPO].refs["main"]
     online = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
@@ -284,3 +289,12 @@ def test_fresh_process_reads_the_environment(hub, tmp_path):
                              capture_output=True, text=True, timeout=60)
     assert (offline.returncode, offline.stdout.strip(), offline.stderr) == (0, str(want), "")
     assert hub.log == []  # offline: not a single request
+
+
+def test_cache_queries_import_neither_huggingface_hub_nor_torch(hub):
+    """--model completion calls these on every TAB: they must stay cheap."""
+    download(REPO, ["config.json"])
+    code = ("import sys; from jamba_cli.hub import cached_repo_ids, is_cached;"
+            f"print(cached_repo_ids(), is_cached({REPO!r}), 'huggingface_hub' in sys.modules, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], env=python_env(), capture_output=True, text=True, timeout=60)
+    assert out.stdout.split() == [f"['{REPO}']", "False", "False", "False"], out.stderr
