@@ -98,7 +98,10 @@ def resolve(path_or_repo: str | os.PathLike, revision: str | None = None) -> Pat
         from huggingface_hub import snapshot_download
         from huggingface_hub.errors import LocalEntryNotFoundError
         try:
-            return Path(snapshot_download(name, revision=revision, local_files_only=True))
+            # ask for config.json only: the checks below cover weights and tokenizer, and huggingface_hub >= 1.x
+            # refuses a snapshot that lacks any file of the repo, such as the .bin copies `jamba download` skips
+            return Path(snapshot_download(name, revision=revision, local_files_only=True,
+                                          allow_patterns=["config.json"]))
         except (LocalEntryNotFoundError, FileNotFoundError):
             raise CheckpointError(f"{name} is not in the local Hugging Face cache; "
                                   f"fetch it with: jamba download {name}") from None

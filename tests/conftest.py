@@ -108,3 +108,11 @@ def mini(checkpoints):
 
     model, tokenizer = load(checkpoints["mini"][0], dtype="fp32", device="cpu")
     return model, tokenizer
+
+
+@pytest.fixture(scope="session")
+def sharded_checkpoint(tmp_path_factory, tokenizer_dir) -> Path:
+    """A real checkpoint in two ~14.5 MB safetensors shards. Each shard is larger than huggingface_hub's
+    10 MiB download chunk, so a transfer cut mid-shard leaves resumable bytes behind (see test_hub.py)."""
+    model = make_hf_model(**{**CONFIGS["reasoning"], "intermediate_size": 6144})
+    return save_checkpoint(model, tmp_path_factory.mktemp("sharded"), tokenizer_dir, max_shard_size="15MB")
