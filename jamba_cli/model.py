@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
 from . import kernels
@@ -54,8 +55,9 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         gqa = self.n_kv != self.n_heads
         if cache is None:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and t > 1,
-                                                 enable_gqa=gqa)
+            with _no_cudnn_attention():
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and t > 1,
+                                                     enable_gqa=gqa)
         elif t == 1 and pos is not None:  # static cache: position from the device, so a CUDA graph can replay
             cache.k.index_copy_(2, pos, k)
             cache.v.index_copy_(2, pos, v)
@@ -71,9 +73,16 @@ class Attention(nn.Module):
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(t, offset + t),
                                                      enable_gqa=gqa)
             else:
-                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                                     enable_gqa=gqa)
+                with _no_cudnn_attention():
+                    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                                         enable_gqa=gqa)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+def _no_cudnn_attention():
+    # cuDNN's SDPA fails (illegal memory access) on a 64K-token causal prompt on an H200 (torch 2.11,
+    # cu130); FlashAttention-2 handles every length and is as fast here.
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None):

@@ -15,7 +15,7 @@ import triton.language as tl
 @triton.jit
 def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, n_cols, x_row_stride, out_row_stride, eps,
                      BLOCK: tl.constexpr):
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
     x = tl.load(x_ptr + row * x_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
@@ -40,14 +40,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 @triton.jit
 def _silu_mul_kernel(g_ptr, u_ptr, out_ptr, n_cols, g_row_stride, u_row_stride, BLOCK: tl.constexpr):
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)  # 64K tokens x 2 experts x 28672 columns overflows int32
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols
     dt = out_ptr.dtype.element_ty
     g = tl.load(g_ptr + row * g_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(u_ptr + row * u_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
     act = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)  # rounded like F.silu's output
-    tl.store(out_ptr + row.to(tl.int64) * n_cols + cols, (act * u).to(dt), mask=mask)
+    tl.store(out_ptr + row * n_cols + cols, (act * u).to(dt), mask=mask)
 
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -146,7 +146,7 @@ def _initial_state_kernel(y_ptr, z_ptr, cum_ptr, a_ptr, c_ptr, h0_ptr, out_ptr, 
                           N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_T: tl.constexpr):
     es = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
     ts = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
-    b = tl.program_id(2)
+    b = tl.program_id(2).to(tl.int64)
     ns = tl.arange(0, N)
     e_ok, t_ok = es < E, ts < T
     et_ok = e_ok[:, None] & t_ok[None, :]
