@@ -115,8 +115,8 @@ def test_stop_strings_and_eos(jamba, small):
 
 @pytest.mark.parametrize("args, message", [
     (["--top-p", "1.5"], "0 < top-p <= 1"), (["--top-p", "0"], "0 < top-p <= 1"),
-    (["--min-p", "1"], "0 <= min-p < 1"), (["--temperature", "-1"], "greater than or equal to 0"),
-    (["--repetition-penalty", "0"], "> 0"), (["-n", "-2"], "greater than or equal to 0"), (["--format", "xml"], "xml"),
+    (["--min-p", "1"], "0 <= min-p < 1"), (["--temperature", "-1"], "Invalid value for '--temperature'"),
+    (["--repetition-penalty", "0"], "> 0"), (["-n", "-2"], "--max-tokens"), (["--format", "xml"], "xml"),
     (["--load-in-8bit", "--load-in-4bit"], "exclude each other"), (["--bogus"], "No such option"),
 ])
 def test_usage_errors_exit_2(jamba, args, message):
