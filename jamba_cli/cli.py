@@ -168,13 +168,11 @@ def _model_dir(console, spec: str | None, revision: str | None, yes: bool) -> tu
         if bundled is None:
             raise UsageError("no model given: pass -m PATH_OR_REPO_ID or set JAMBA_MODEL")
         return bundled, bundled.name
-    path = Path(spec).expanduser()
-    if path.is_dir() or not REPO_ID.fullmatch(spec):
-        from .loader import resolve
-
-        return resolve(path), spec
     from .loader import resolve
 
+    path = Path(spec).expanduser()
+    if path.is_dir() or not REPO_ID.fullmatch(spec):
+        return resolve(path), spec
     try:
         return resolve(spec, revision), spec
     except CheckpointError:
@@ -307,7 +305,7 @@ def _generate(console, model, tokenizer, load_s, name, text, system_text, *, raw
 
     if raw or not tokenizer.has_chat_format:
         if system_text is not None:
-            raise UsageError("this model has no chat template, so --system cannot be used; try --raw")
+            raise UsageError("this model has no chat template, so --system cannot be used")
         prompt = text
     else:
         prompt = ([{"role": "system", "content": system_text}] if system_text is not None else []) + \
