@@ -174,17 +174,18 @@ def _model_dir(console, spec: str | None, revision: str | None, yes: bool) -> tu
     if path.is_dir() or not REPO_ID.fullmatch(spec):
         return resolve(path), spec
     try:
+        from . import hub
+    except ImportError:  # a build without downloads: the loader's error names `jamba download`
         return resolve(spec, revision), spec
-    except CheckpointError:
-        return _fetch(console, spec, revision, yes), spec
+    if hub.is_cached(spec, revision):  # the snapshot may hold only the default files: ask hub, not the loader
+        return hub.download(spec, revision=revision, offline=True), spec
+    return _fetch(console, spec, revision, yes), spec
 
 
 def _fetch(console, repo: str, revision: str | None, yes: bool) -> Path:
+    from . import hub
+
     hint = f"{repo} is not in the local Hugging Face cache; fetch it with: jamba download {repo}"
-    try:
-        from . import hub
-    except ImportError:
-        raise CheckpointError(hint) from None
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
         raise CheckpointError(hint + " (offline mode is on)")
     if not yes:
@@ -420,15 +421,17 @@ def download(
         except ImportError:
             raise JambaError("downloads are not available in this build (jamba_cli.hub is missing)") from None
         kwargs = dict(revision=revision, include=include, exclude=exclude, local_dir=local_dir,
-                      cache_dir=cache_dir, token=token, offline=offline)
+                      cache_dir=cache_dir, token=token)
         if dry_run:
+            if offline:
+                raise UsageError("--dry-run asks the Hub what to fetch; it cannot be --offline")
             plan = hub.plan_download(repo, files or None, **kwargs)
             for name, size in plan:
                 typer.echo(f"{size:>14,}  {name}")
             typer.echo(f"{sum(s for _, s in plan):>14,}  total ({len(plan)} files, "
                        f"{format_bytes(sum(s for _, s in plan))})")
             return
-        path = hub.download(repo, files or None, progress=sys.stderr.isatty(), **kwargs)
+        path = hub.download(repo, files or None, offline=offline, progress=sys.stderr.isatty(), **kwargs)
         typer.echo(str(path))
 
 

@@ -140,15 +140,16 @@ def test_help_and_completion_import_no_torch(env, ckpt):
 class Terminal:
     """A child process whose controlling terminal is a pty we type into."""
 
-    def __init__(self, args, env):
+    def __init__(self, args, env, stdout=None):
+        """`stdout`: None puts stdout on the terminal too; subprocess.PIPE keeps it apart."""
         self.master, slave = pty.openpty()
 
         def take_terminal():
             os.setsid()
             fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
-        self.proc = subprocess.Popen(args, stdin=slave, stdout=slave, stderr=slave, env={**env, "TERM": "xterm"},
-                                     cwd=ROOT, preexec_fn=take_terminal)
+        self.proc = subprocess.Popen(args, stdin=slave, stdout=slave if stdout is None else stdout, stderr=slave,
+                                     env={**env, "TERM": "xterm"}, cwd=ROOT, preexec_fn=take_terminal)
         os.close(slave)
         self.seen = b""
 
