@@ -55,10 +55,12 @@ def save(path: Path, model: JambaForCausalLM, cache: HybridCache, tokens: list[i
     try:
         save_file(tensors, str(tmp), metadata=meta)
         os.replace(tmp, path)
-    except OSError as e:
-        raise PromptCacheError(f"cannot write prompt cache {path}: {e.strerror or e}") from None
+    except Exception as e:  # OSError, or safetensors' own error wrapping one
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+        raise PromptCacheError(f"cannot write prompt cache {path}: {reason}") from None
     finally:
-        tmp.unlink(missing_ok=True)
+        if tmp.exists():
+            tmp.unlink()
 
 
 def _read(path: Path, model: JambaForCausalLM) -> tuple[dict[str, torch.Tensor], list[int]]:

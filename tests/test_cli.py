@@ -228,9 +228,10 @@ def test_chat_replies_continue_the_conversation_exactly(jamba, small):
 
 def test_chat_commands(jamba, small, tmp_path):
     (tmp_path / "doc.txt").write_text("some notes")
-    script = ["/set max_tokens 4", "/set temperature 0", "/set top_p 7", "/set colour red", "/system Be terse.",
-              "hi", "/show", "/clear", "/show", f"/read {tmp_path / 'doc.txt'}", "sum up", "//slash",
-              '"""', "two", "lines", '"""', '"""one line"""', "/nope", "/exit", "never sent"]
+    script = ["/help", "/set max_tokens 4", "/set temperature 0", "/set top_p 7", "/set colour red",
+              "/system Be terse.", "hi", "/show", "/clear", "/show", f"/read {tmp_path / 'doc.txt'}", "sum up",
+              "//slash", '"""', "two", "lines", '"""', "/set stats on", '"""one line"""', "/nope", "/exit",
+              "never sent"]
     r = jamba("chat", "--ignore-eos", input="\n".join(script) + "\n")
     assert r.exit_code == 0
     conversation, want = [], []
@@ -244,12 +245,14 @@ def test_chat_commands(jamba, small, tmp_path):
     assert r.stdout == "".join(w + "\n" for w in want)
     assert "out of range for top_p" in r.stderr and "unknown setting 'colour'" in r.stderr
     assert "unknown command /nope" in r.stderr and "system: Be terse." in r.stderr
+    assert "Commands:" in r.stderr and "/regen" in r.stderr
+    assert r.stderr.count("generated 4 tok") == 1  # stats only after /set stats on: the last reply
     assert re.search(r"context: \d+ of 262144 tokens used, 2 messages", r.stderr)
     assert "context: 0 of 262144 tokens used, 0 messages" in r.stderr
 
 
 def test_chat_regen_restores_the_snapshot(jamba, small):
-    r = jamba("chat", "-n", 5, "--ignore-eos", input="Hello\n/regen\n/set temperature 1.5\n/regen\n")
+    r = jamba("chat", "-n", 5, "--ignore-eos", input="Hello\n/regen\n/set temperature 1.5\n/regen\n/quit\nHi\n")
     greedy = expect(small, user("Hello"), 5) + "\n"
     assert r.stdout.startswith(greedy * 2)  # greedy regenerates the same reply
     assert r.stdout[2 * len(greedy):] not in ("", greedy)
@@ -297,3 +300,25 @@ def test_chat_needs_a_chat_format(jamba, tmp_path, ckpt):
     (d / "tokenizer.json").write_text(open(f"{ckpt}/tokenizer.json").read().replace("<|bom|>", "<|xyz|>"))
     r = jamba("chat", "-m", d, input="hi\n")
     assert r.exit_code == 1 and "jamba run --raw" in r.stderr
+
+
+def test_prompt_cache_that_cannot_be_written_is_a_one_line_error(jamba, tmp_path):
+    (tmp_path / "file").write_text("")
+    r = jamba("run", "-n", 2, "--prompt-cache", tmp_path / "file" / "p.cache", "hi")
+    assert r.exit_code == 1 and r.stdout == "" and r.stderr.count("\n") == 1
+    assert r.stderr.startswith(f"error: cannot write prompt cache {tmp_path / 'file' / 'p.cache'}: ")
+
+
+def test_interrupt_guard_stops_first_then_raises():
+    import os
+    import signal
+
+    from jamba_cli.terminal import Interrupt
+
+    previous = signal.getsignal(signal.SIGINT)
+    with Interrupt() as interrupt:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert interrupt.requested
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is previous
