@@ -46,13 +46,9 @@ class DType(str, Enum):
 
 def _complete_model(incomplete: str) -> list[str]:
     """Repo ids in the local Hugging Face cache, and directories, that start with what was typed."""
-    out = []
-    try:
-        from .hub import cached_repo_ids
+    from .hub import cached_repo_ids
 
-        out = [r for r in cached_repo_ids() if r.startswith(incomplete)]
-    except (ImportError, OSError):
-        pass
+    out = [r for r in cached_repo_ids() if r.startswith(incomplete)]
     base, _, stem = incomplete.rpartition("/")
     try:
         with os.scandir(os.path.expanduser(base or ".")) as entries:
@@ -173,10 +169,8 @@ def _model_dir(console, spec: str | None, revision: str | None, yes: bool) -> tu
     path = Path(spec).expanduser()
     if path.is_dir() or not REPO_ID.fullmatch(spec):
         return resolve(path), spec
-    try:
-        from . import hub
-    except ImportError:  # a build without downloads: the loader's error names `jamba download`
-        return resolve(spec, revision), spec
+    from . import hub
+
     if hub.is_cached(spec, revision):  # the snapshot may hold only the default files: ask hub, not the loader
         return hub.download(spec, revision=revision, offline=True), spec
     return _fetch(console, spec, revision, yes), spec
@@ -270,7 +264,8 @@ def run(
     max_tokens: MaxTokOpt = None, temperature: TempOpt = None, top_k: TopKOpt = None, top_p: TopPOpt = None,
     min_p: MinPOpt = None, repetition_penalty: PenaltyOpt = None, seed: SeedOpt = None, stop: StopOpt = None,
     ignore_eos: IgnoreEosOpt = False,
-    raw: Annotated[bool, typer.Option("--raw", help="Send the prompt as plain text, without the chat template.")] = False,
+    raw: Annotated[bool, typer.Option("--raw", help="Send the prompt as plain text, not through the chat "
+                                      "template.")] = False,
     dtype: DTypeOpt = DType.auto, device: DeviceOpt = None, device_map: DeviceMapOpt = None,
     load_in_8bit: Load8Opt = False, load_in_4bit: Load4Opt = False, ctx_size: CtxOpt = None,
     prompt_cache: Annotated[Path | None, typer.Option("--prompt-cache", help="Reuse (and save) the model state "
@@ -400,8 +395,8 @@ def download(
     repo: Annotated[str, typer.Argument(help="Hub repo id, e.g. ai21labs/AI21-Jamba-Mini-1.7.")],
     files: Annotated[list[str] | None, typer.Argument(help="Only these files.")] = None,
     revision: RevisionOpt = None,
-    include: Annotated[list[str] | None, typer.Option(help="Glob of files to get (repeatable) "
-                                                      "(default: safetensors, json and tokenizer files).")] = None,
+    include: Annotated[list[str] | None, typer.Option(help="Glob of files to get (repeatable) (default: "
+                                                      "safetensors, json, tokenizer and chat template files).")] = None,
     exclude: Annotated[list[str] | None, typer.Option(help="Glob of files to skip (repeatable).")] = None,
     local_dir: Annotated[Path | None, typer.Option(help="Put the files in this directory, not the cache.")] = None,
     cache_dir: Annotated[Path | None, typer.Option(help="Hugging Face cache to use (default: HF_HUB_CACHE).")] = None,
@@ -416,10 +411,8 @@ def download(
 
     console = stderr_console(color.value)
     with _reporting(console):
-        try:
-            from . import hub
-        except ImportError:
-            raise JambaError("downloads are not available in this build (jamba_cli.hub is missing)") from None
+        from . import hub
+
         kwargs = dict(revision=revision, include=include, exclude=exclude, local_dir=local_dir,
                       cache_dir=cache_dir, token=token)
         if dry_run:

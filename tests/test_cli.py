@@ -286,7 +286,8 @@ def test_chat_context_overflow_is_a_message_not_a_crash(jamba, small):
     assert r.exit_code == 0
     assert "context full" in r.stderr and "/clear" in r.stderr
     hi = expect(small, user("hi"), 3)
-    ok = expect(small, user("hi") + [{"role": "assistant", "content": hi.strip()}, {"role": "user", "content": "ok"}], 3)
+    ok = expect(small, user("hi") + [{"role": "assistant", "content": hi.strip()},
+                                     {"role": "user", "content": "ok"}], 3)
     assert r.stdout.startswith(hi + "\n")  # the message that did not fit left no trace in the conversation
     second = r.stdout[len(hi) + 1:-1]
     assert second and ok.startswith(second)  # a reply may be cut short where the context ends

@@ -59,7 +59,8 @@ def test_stop_string_across_tokens_is_withheld_then_trimmed(small):
     pieces = [tok.decode(ids[:i + 1]) for i in range(30)]
     full = pieces[-1]
     # a stop string that starts inside one token's text and ends inside a later one's
-    k = next(i for i in range(5, 29) if len(pieces[i]) - len(pieces[i - 1]) >= 2 and len(pieces[i + 1]) > len(pieces[i]))
+    k = next(i for i in range(5, 29)
+             if len(pieces[i]) - len(pieces[i - 1]) >= 2 and len(pieces[i + 1]) > len(pieces[i]))
     stop = full[len(pieces[k]) - 1:len(pieces[k]) + 1]
     text, chunks = run(model, tok, max_tokens=30, stop=[stop], ignore_eos=True)
     assert chunks[-1].finish_reason == "stop_string"
@@ -85,7 +86,8 @@ def test_stop_strings_unit():
 def test_should_stop_interrupts_and_keeps_partial_text(small):
     model, tok = small
     calls = []
-    text, chunks = run(model, tok, max_tokens=50, ignore_eos=True, should_stop=lambda: calls.append(1) or len(calls) >= 4)
+    stop_at_4 = lambda: calls.append(1) or len(calls) >= 4
+    text, chunks = run(model, tok, max_tokens=50, ignore_eos=True, should_stop=stop_at_4)
     assert chunks[-1].finish_reason == "interrupted" and len(chunks) == 4
     assert text == tok.decode([c.token for c in chunks])
 
