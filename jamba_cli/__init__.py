@@ -2,6 +2,8 @@
 
     model, tokenizer = jamba_cli.load("path/or/repo-id")
     print(jamba_cli.generate(model, tokenizer, "Hello", max_tokens=32))
+    for chunk in jamba_cli.stream_generate(model, tokenizer, [{"role": "user", "content": "Hi"}]):
+        print(chunk.text, end="", flush=True)
 
 Attributes are imported on first use so that `import jamba_cli` (and `jamba --help`) stays free of torch.
 """
@@ -11,7 +13,12 @@ __version__ = "0.1.0"
 _LAZY = {
     "load": ("loader", "load"),
     "generate": ("generation", "generate"),
+    "stream_generate": ("generation", "stream_generate"),
     "generate_step": ("generation", "generate_step"),
+    "GenerationChunk": ("generation", "GenerationChunk"),
+    "GenerationStats": ("generation", "GenerationStats"),
+    "SamplingParams": ("sample", "SamplingParams"),
+    "StreamingDetokenizer": ("tokenizer", "StreamingDetokenizer"),
     "make_cache": ("cache", "make_cache"),
     "JambaConfig": ("config", "JambaConfig"),
     "JambaForCausalLM": ("model", "JambaForCausalLM"),

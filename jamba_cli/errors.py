@@ -2,7 +2,15 @@
 
 
 class JambaError(Exception):
-    """Base class for errors that are reported to the user in one line."""
+    """Base class for errors that are reported to the user in one line; `exit_code` is the CLI's status."""
+
+    exit_code = 1
+
+
+class UsageError(JambaError):
+    """The command line asks for something impossible (exit status 2, like a bad flag)."""
+
+    exit_code = 2
 
 
 class ConfigError(JambaError, ValueError):

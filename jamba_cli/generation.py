@@ -1,15 +1,28 @@
-"""Generation: a token generator over the hybrid cache, and `generate`, which joins its output into text."""
+"""Generation in three layers: `generate_step` yields token ids over the hybrid cache; `stream_generate` turns
+them into text chunks (streaming detokenizer, EOS ids, stop strings, timings); `generate` joins the text."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from .cache import HybridCache, make_cache
+from .errors import JambaError
 from .model import JambaForCausalLM
-from .sample import LogitsProcessor, Sampler, make_sampler
-from .tokenizer import Tokenizer
+from .sample import LogitsProcessor, Sampler, SamplingParams, make_sampler
+from .tokenizer import StreamingDetokenizer, Tokenizer
+
+DEFAULT_MAX_TOKENS = 512
+
+
+class ContextOverflowError(JambaError):
+    """The prompt does not fit in the context window."""
 
 
 class CUDAGraphDecoder:
@@ -62,17 +75,40 @@ def prefill_chunk_size(model: JambaForCausalLM) -> int:
 
 
 @torch.inference_mode()
+def prefill(model: JambaForCausalLM, tokens: torch.Tensor, cache: HybridCache, *, chunk: int | None = None,
+            attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Run `tokens` (B, T) through the model into `cache`, `chunk` tokens at a time (bounded memory;
+    default: `prefill_chunk_size(model)`).
+
+    Returns:
+        the logits of the last position, (B, 1, V).
+    """
+    logits = None
+    chunk = chunk or prefill_chunk_size(model)
+    for start in range(0, tokens.shape[1], chunk):
+        part = slice(start, start + chunk)
+        mask = None if attention_mask is None else attention_mask[:, part]
+        logits = model(tokens[:, part], cache, attention_mask=mask, last_only=True)
+    return logits
+
+
+@torch.inference_mode()
 def generate_step(model: JambaForCausalLM, prompt: torch.Tensor, *, cache: HybridCache | None = None,
                   sampler: Sampler | None = None, logits_processors: Sequence[LogitsProcessor] = (),
                   max_tokens: int = 256, prefill_chunk: int | None = None,
-                  attention_mask: torch.Tensor | None = None, cuda_graph: bool = True) -> Iterator[torch.Tensor]:
+                  attention_mask: torch.Tensor | None = None, context: torch.Tensor | None = None,
+                  cuda_graph: bool = True) -> Iterator[torch.Tensor]:
     """Yield sampled tokens (B,) one step at a time, for `max_tokens` steps.
+
+    A token is fed to the model only when the next one is asked for, so a consumer that stops early
+    leaves the cache holding the prompt and every yielded token but the last.
 
     Args:
         prompt: token ids (T,) or (B, T): the tokens to add to `cache` (a new one when None).
         prefill_chunk: the prompt goes through the model this many tokens at a time (bounded memory;
             default: `prefill_chunk_size(model)`).
         attention_mask: (B, T) with 0 on left padding of a batched prompt.
+        context: ids (B, S) already in `cache`; logits processors see them before the prompt.
         cuda_graph: on CUDA with a static cache (the default cache there), replay decode steps as a
             captured CUDA graph.
     """
@@ -81,17 +117,14 @@ def generate_step(model: JambaForCausalLM, prompt: torch.Tensor, *, cache: Hybri
     prompt = prompt.to(model.device)
     if prompt.shape[1] == 0:
         raise ValueError("the prompt is empty: there is no token to continue from")
-    single_gpu = {d.type for d in model.layer_devices()} == {"cuda"} and len(set(model.layer_devices())) == 1
+    single_gpu = on_single_gpu(model)
     if cache is None:
         cache = make_cache(model.config, prompt.shape[0], dtype=model.dtype, device=model.layer_devices(),
                            capacity=prompt.shape[1] + max_tokens, static=single_gpu)
     sampler = sampler or make_sampler()
-    prefill_chunk = prefill_chunk or prefill_chunk_size(model)
-    history = prompt
-    for start in range(0, prompt.shape[1], prefill_chunk):
-        chunk = slice(start, start + prefill_chunk)
-        mask = None if attention_mask is None else attention_mask[:, chunk]
-        logits = model(prompt[:, chunk], cache, attention_mask=mask, last_only=True)
+    history = prompt if context is None else torch.cat([context.to(prompt.device).view(prompt.shape[0], -1),
+                                                        prompt], dim=1)
+    logits = prefill(model, prompt, cache, chunk=prefill_chunk, attention_mask=attention_mask)
     step = None
     if cuda_graph and single_gpu and cache.static and max_tokens > 1:
         step = CUDAGraphDecoder(model, cache)
@@ -109,23 +142,215 @@ def generate_step(model: JambaForCausalLM, prompt: torch.Tensor, *, cache: Hybri
         logits = step(token) if step is not None else model(token[:, None], cache)[:, -1]
 
 
-def generate(model: JambaForCausalLM, tokenizer: Tokenizer, prompt: str | list[int], *, max_tokens: int,
-             temperature: float = 0.0, seed: int | None = None) -> str:
-    """Continue `prompt` and return the new text (without the prompt, stopping at an EOS token).
+def on_single_gpu(model: JambaForCausalLM) -> bool:
+    """Whether every layer sits on one CUDA device (where static caches and CUDA graphs apply)."""
+    devices = set(model.layer_devices())
+    return len(devices) == 1 and next(iter(devices)).type == "cuda"
+
+
+@dataclass(frozen=True)
+class GenerationStats:
+    prompt_tokens: int  # tokens of this prompt (those restored from a prompt cache included)
+    cached_tokens: int  # of which restored from a prompt cache rather than computed
+    generation_tokens: int  # sampled tokens, an ending EOS not counted
+    ttft_s: float  # time to first token: prompt processing and the first sample
+    prompt_tps: float  # computed prompt tokens per second
+    generation_tps: float  # tokens per second after the first one
+    peak_memory_bytes: int  # peak accelerator memory, or the process's peak RSS on CPU
+
+
+@dataclass(frozen=True)
+class GenerationChunk:
+    """One step of a stream: the text it releases, the token sampled (None on a final chunk that sampled
+    nothing), and on the last chunk the reason generation ended: stop (an EOS token), length (max_tokens
+    or the context is full), stop_string, or interrupted (`should_stop` returned True)."""
+
+    text: str
+    token: int | None
+    finish_reason: str | None
+    stats: GenerationStats
+
+
+class StopStrings:
+    """Find stop strings in streamed text, across chunk boundaries. Text that could be the start of a stop
+    string is withheld until it no longer can be; text from a stop string on is dropped."""
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """Returns (text safe to emit now, whether a stop string was found)."""
+        buf = self.pending + text
+        hits = [i for i in (buf.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.pending = ""
+            return buf[:min(hits)], True
+        keep = max((k for s in self.stops for k in range(min(len(s) - 1, len(buf)), 0, -1)
+                    if buf.endswith(s[:k])), default=0)
+        self.pending = buf[len(buf) - keep:]
+        return buf[:len(buf) - keep], False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
+    generator = torch.Generator(device=device)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    return generator
+
+
+def prompt_ids(tokenizer: Tokenizer, prompt: str | Sequence[int] | Sequence[dict]) -> list[int]:
+    """A string is tokenized as the tokenizer does by default (BOS included when it adds one), a list of
+    messages goes through the chat template with a generation prompt, and a list of ids is used as is."""
+    if isinstance(prompt, str):
+        return tokenizer.encode(prompt)
+    if prompt and isinstance(prompt[0], dict):
+        return tokenizer.encode_chat(list(prompt), add_generation_prompt=True)
+    return [int(i) for i in prompt]
+
+
+def stream_generate(model: JambaForCausalLM, tokenizer: Tokenizer, prompt: str | Sequence[int] | Sequence[dict],
+                    *, max_tokens: int | None = None, temperature: float | None = None, top_k: int | None = None,
+                    top_p: float | None = None, min_p: float | None = None,
+                    repetition_penalty: float | None = None, seed: int | None = None, stop: Sequence[str] = (),
+                    eos_token_ids: Sequence[int] | None = None, ignore_eos: bool = False,
+                    cache: HybridCache | None = None, context_size: int | None = None,
+                    prompt_cache: str | os.PathLike | None = None, should_stop: Callable[[], bool] | None = None,
+                    prefill_chunk: int | None = None) -> Iterator[GenerationChunk]:
+    """Continue `prompt` and yield a `GenerationChunk` per sampled token; the texts joined are the reply.
+
+    Sampling knobs left as None take the checkpoint's generation_config.json values, else greedy.
+
+    Args:
+        prompt: text, chat messages (rendered with the chat template), or token ids (see `prompt_ids`).
+        max_tokens: most tokens to sample (default: generation_config's max_new_tokens, else 512).
+        stop: strings that end generation; they are matched on decoded text and left out of it.
+        eos_token_ids: tokens that end generation; default: the model's, the tokenizer's and the
+            chat format's end-of-message token.
+        ignore_eos: keep going past EOS tokens (they are decoded like any other token).
+        cache: continue from this cache (it holds earlier turns); it is appended to. On return it holds
+            the prompt and every sampled token but the last.
+        context_size: most positions the cache may hold (default: the model's max_position_embeddings).
+        prompt_cache: a file with the cache state of an earlier prompt; when this prompt starts with the
+            same tokens only the rest is computed, and the state of this prompt is written back.
+        should_stop: polled between tokens; True ends the stream with finish_reason "interrupted".
+
+    Raises:
+        ContextOverflowError: the prompt does not fit in `context_size`.
+    """
+    start = time.perf_counter()
+    ids = prompt_ids(tokenizer, prompt)
+    if not ids:
+        raise ValueError("the prompt is empty: there is no token to continue from")
+    gen_config = tokenizer.generation_config
+    max_tokens = max_tokens if max_tokens is not None else int(gen_config.get("max_new_tokens") or DEFAULT_MAX_TOKENS)
+    params = SamplingParams.from_generation_config(gen_config).override(
+        temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty)
+    head_device = model.lm_head.weight.device
+    sampler = params.sampler(make_generator(seed, head_device) if params.temperature > 0 else None)
+    if eos_token_ids is None:
+        eos_token_ids = [*model.config.eos_token_ids, *tokenizer.eos_token_ids, *tokenizer.end_of_turn_ids]
+    eos = set() if ignore_eos else set(eos_token_ids)
+    context_size = context_size or model.config.max_position_embeddings
+
+    if prompt_cache is not None and cache is not None:
+        raise ValueError("pass either a cache or a prompt cache file, not both")
+    used = cache.offset if cache is not None else 0
+    if used + len(ids) > context_size:
+        raise ContextOverflowError(f"the prompt needs {used + len(ids)} tokens but the context holds {context_size}")
+    max_tokens = min(max_tokens, context_size - used - len(ids) + 1)  # the last token is never fed back
+    if cache is None:
+        cache = make_cache(model.config, 1, dtype=model.dtype, device=model.layer_devices(),
+                           capacity=len(ids) + max_tokens, static=on_single_gpu(model))
+    cached = 0
+    if prompt_cache is not None:
+        from . import prompt_cache as pc
+
+        cached = pc.restore(Path(prompt_cache), model, ids, cache)
+    _reset_peak_memory(head_device)
+    new = torch.tensor(ids[cached:], device=model.device)[None]
+    context = torch.tensor(ids[:cached], device=model.device)[None] if cached else None
+    if prompt_cache is not None:
+        # the file keeps the state before the last prompt token: the model has to see one token to sample
+        prefill(model, new[:, :-1], cache, chunk=prefill_chunk)
+        if len(ids) - 1 > cached:
+            pc.save(Path(prompt_cache), model, cache, ids[:-1])
+        context, new = torch.tensor(ids[:-1], device=model.device)[None], new[:, -1:]
+
+    steps = generate_step(model, new, cache=cache, sampler=sampler, logits_processors=params.logits_processors(),
+                          max_tokens=max_tokens, prefill_chunk=prefill_chunk, context=context)
+    detok = StreamingDetokenizer(tokenizer)
+    stops = StopStrings(stop)
+    first = last = None
+    count = 0
+
+    def stats() -> GenerationStats:
+        ttft = (first or time.perf_counter()) - start
+        decode_time = (last - first) if first is not None and last is not None else 0.0
+        return GenerationStats(len(ids), cached, count, ttft, (len(ids) - cached) / ttft if ttft > 0 else 0.0,
+                               (count - 1) / decode_time if count > 1 and decode_time > 0 else 0.0,
+                               _peak_memory(head_device))
+
+    try:
+        for step in steps:
+            token = int(step[0])
+            last = time.perf_counter()
+            first = first or last
+            if token in eos:
+                yield GenerationChunk(_finish(detok, stops), token, "stop", stats())
+                return
+            count += 1
+            text, hit = stops.feed(detok.add(token))
+            if hit:
+                yield GenerationChunk(text, token, "stop_string", stats())
+                return
+            if count == max_tokens:
+                yield GenerationChunk(text + _finish(detok, stops), token, "length", stats())
+                return
+            if should_stop is not None and should_stop():
+                yield GenerationChunk(text + _finish(detok, stops), token, "interrupted", stats())
+                return
+            yield GenerationChunk(text, token, None, stats())
+        yield GenerationChunk(_finish(detok, stops), None, "length", stats())  # max_tokens was 0
+    finally:
+        steps.close()
+
+
+def _finish(detok: StreamingDetokenizer, stops: StopStrings) -> str:
+    # the tail the detokenizer held back may itself complete a stop string
+    text, hit = stops.feed(detok.flush())
+    return text if hit else text + stops.flush()
+
+
+def generate(model: JambaForCausalLM, tokenizer: Tokenizer, prompt: str | Sequence[int] | Sequence[dict], *,
+             max_tokens: int | None = None, temperature: float | None = None, seed: int | None = None,
+             **options) -> str:
+    """Continue `prompt` and return the new text; takes the same options as `stream_generate`.
 
     A string is tokenized the way the checkpoint's tokenizer does by default (BOS included when it adds
-    one); a list of ids is used as is: no template, no BOS added.
+    one); a list of ids is used as is: no template, no BOS added; a list of messages gets the chat template.
     """
-    ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-    generator = None
-    if seed is not None:
-        generator = torch.Generator(device=model.device).manual_seed(seed)
-    sampler = make_sampler(temperature, generator=generator)
-    eos = set(model.config.eos_token_ids) | ({tokenizer.eos_token_id} - {None})
-    out: list[int] = []
-    for token in generate_step(model, torch.tensor(ids), sampler=sampler, max_tokens=max_tokens):
-        t = int(token[0])
-        if t in eos:
-            break
-        out.append(t)
-    return tokenizer.decode(out)
+    return "".join(chunk.text for chunk in stream_generate(model, tokenizer, prompt, max_tokens=max_tokens,
+                                                           temperature=temperature, seed=seed, **options))
+
+
+def _reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    try:
+        import resource
+    except ImportError:  # Windows
+        return 0
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024  # bytes on macOS, KiB on Linux

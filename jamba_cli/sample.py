@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -72,3 +73,39 @@ def repetition_penalty(penalty: float) -> LogitsProcessor:
         return logits.scatter(-1, history, seen)
 
     return process
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """The sampling knobs in one value; the defaults are greedy decoding with no penalty."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+
+    @classmethod
+    def from_generation_config(cls, config: dict) -> SamplingParams:
+        """Defaults a checkpoint's generation_config.json asks for, read with transformers' semantics:
+        the sampling knobs apply only when `do_sample` is true (else greedy), with transformers' own
+        defaults (temperature 1.0, top_k 50) for the ones it leaves out."""
+        def get(key, default):
+            value = config.get(key)
+            return default if value is None else value
+
+        penalty = float(get("repetition_penalty", 1.0))
+        if not config.get("do_sample"):
+            return cls(repetition_penalty=penalty)
+        return cls(temperature=float(get("temperature", 1.0)), top_k=int(get("top_k", 50)),
+                   top_p=float(get("top_p", 1.0)), min_p=float(get("min_p", 0.0)), repetition_penalty=penalty)
+
+    def override(self, **values) -> SamplingParams:
+        """A copy with the given knobs replaced; None means keep the current value."""
+        return replace(self, **{k: v for k, v in values.items() if v is not None})
+
+    def sampler(self, generator: torch.Generator | None = None) -> Sampler:
+        return make_sampler(self.temperature, self.top_k, self.top_p, self.min_p, generator=generator)
+
+    def logits_processors(self) -> list[LogitsProcessor]:
+        return [] if self.repetition_penalty == 1.0 else [repetition_penalty(self.repetition_penalty)]

@@ -1,11 +1,25 @@
-"""The checkpoint's tokenizer: tokenizer.json through `tokenizers`, special tokens from tokenizer_config.json."""
+"""The checkpoint's tokenizer: tokenizer.json through `tokenizers`, special tokens from tokenizer_config.json,
+chat templates rendered as transformers renders them, and a streaming detokenizer."""
 
 from __future__ import annotations
 
 import json
+import re
+from datetime import datetime
+from functools import cached_property, lru_cache
 from pathlib import Path
 
-from .errors import CheckpointError
+from .errors import CheckpointError, JambaError
+
+# transformers' named special tokens: the ones a chat template sees as variables
+SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+# Jamba 1.5+ turn markup; a tokenizer that has these tokens gets the built-in format when it ships no template
+JAMBA_CHAT_TOKENS = ("<|bom|>", "<|eom|>", "<|system|>", "<|user|>", "<|assistant|>")
+END_OF_TURN = "<|eom|>"
+
+
+class ChatTemplateError(JambaError):
+    """The chat template failed to render, or the checkpoint has no chat format."""
 
 
 def _token_text(value) -> str | None:
@@ -15,14 +29,22 @@ def _token_text(value) -> str | None:
 
 
 class Tokenizer:
-    """Encode/decode with the special-token conventions transformers applies to the same files."""
+    """Encode/decode with the special-token conventions transformers applies to the same files.
 
-    def __init__(self, tok, config: dict):
+    `eos_token_ids` joins the tokenizer's EOS with generation_config.json's `eos_token_id` (an int or a
+    list), and `end_of_turn_ids` holds the chat format's end-of-message token when the vocabulary has one.
+    `generation_config` is the checkpoint's generation_config.json (sampling defaults), or {}.
+    """
+
+    def __init__(self, tok, config: dict, generation_config: dict | None = None):
         self._tok = tok
         self.config = config
-        self.bos_token = _token_text(config.get("bos_token"))
-        self.eos_token = _token_text(config.get("eos_token"))
-        self.pad_token = _token_text(config.get("pad_token"))
+        self.generation_config = generation_config or {}
+        self.special_tokens = {name: _token_text(config[name]) for name in SPECIAL_TOKEN_NAMES
+                               if _token_text(config.get(name)) is not None}
+        self.bos_token = self.special_tokens.get("bos_token")
+        self.eos_token = self.special_tokens.get("eos_token")
+        self.pad_token = self.special_tokens.get("pad_token")
         self.bos_token_id = self.token_to_id(self.bos_token)
         self.eos_token_id = self.token_to_id(self.eos_token)
         self.pad_token_id = self.token_to_id(self.pad_token)
@@ -30,6 +52,12 @@ class Tokenizer:
         self._manual_specials = "add_bos_token" in config or "add_eos_token" in config
         self.add_bos_token = bool(config.get("add_bos_token", False))
         self.add_eos_token = bool(config.get("add_eos_token", False))
+        gen_eos = self.generation_config.get("eos_token_id")
+        gen_eos = gen_eos if isinstance(gen_eos, list) else [] if gen_eos is None else [gen_eos]
+        self.eos_token_ids = list(dict.fromkeys([i for i in [self.eos_token_id, *gen_eos] if isinstance(i, int)]))
+        eom = self.token_to_id(END_OF_TURN)
+        self.end_of_turn_ids = [] if eom is None else [eom]
+        self.chat_template = _pick_template(config.get("chat_template"))
 
     @property
     def vocab_size(self) -> int:
@@ -52,6 +80,174 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+    @cached_property
+    def byte_fallback_ids(self) -> frozenset[int]:
+        """Ids of the <0xNN> byte tokens of a byte-fallback model (SentencePiece style), else empty."""
+        model = json.loads(self._tok.to_str()).get("model", {})
+        if not model.get("byte_fallback"):
+            return frozenset()
+        return frozenset(i for t, i in self._tok.get_vocab().items() if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", t))
+
+    # -- chat format --
+
+    @property
+    def has_builtin_chat_format(self) -> bool:
+        return all(self.token_to_id(t) is not None for t in JAMBA_CHAT_TOKENS)
+
+    @property
+    def has_chat_format(self) -> bool:
+        """True when prompts can be wrapped as a chat: a template ships, or the Jamba 1.5+ tokens exist."""
+        return self.chat_template is not None or self.has_builtin_chat_format
+
+    def apply_chat_template(self, messages: list[dict], *, add_generation_prompt: bool = False,
+                            tools: list[dict] | None = None, documents: list[dict] | None = None,
+                            template: str | None = None, **kwargs) -> str:
+        """Render `messages` as transformers' `apply_chat_template(..., tokenize=False)` does.
+
+        Args:
+            messages: [{"role": ..., "content": ...}, ...]; keys whose value is None are dropped.
+            template: a Jinja template to use instead of the checkpoint's.
+            **kwargs: more template variables (they override the special tokens of the same name).
+
+        Raises:
+            ChatTemplateError: the template raised or failed, or there is no chat format at all.
+        """
+        messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
+        source = template or self.chat_template
+        if isinstance(source, dict):
+            source = source.get("tool_use") if tools is not None and "tool_use" in source else source.get("default")
+        if source is None:
+            if not self.has_builtin_chat_format:
+                raise ChatTemplateError("this checkpoint has no chat template; use --raw for plain text prompts")
+            if tools or documents or kwargs:
+                raise ChatTemplateError("tools and documents need the checkpoint's own chat template")
+            return _jamba_format(messages, add_generation_prompt, self.bos_token)
+        import jinja2
+
+        try:
+            return _compile(source).render(messages=messages, tools=tools, documents=documents,
+                                           add_generation_prompt=add_generation_prompt,
+                                           **{**self.special_tokens, **kwargs})
+        except jinja2.TemplateError as e:
+            raise ChatTemplateError(f"chat template: {e}") from None
+
+    def encode_chat(self, messages: list[dict], **kwargs) -> list[int]:
+        """Token ids of the rendered chat. The template writes BOS itself, so none is added (no double BOS)."""
+        return self.encode(self.apply_chat_template(messages, **kwargs), add_special_tokens=False)
+
+
+def _pick_template(value) -> str | dict | None:
+    # older tokenizer_config files hold a list of named templates
+    if isinstance(value, list):
+        return {t["name"]: t["template"] for t in value if isinstance(t, dict) and "name" in t}
+    return value or None
+
+
+def _jamba_format(messages: list[dict], add_generation_prompt: bool, bos_token: str | None) -> str:
+    # The plain-message subset of the Jamba 1.5-1.7 template: a (possibly empty) system turn always comes first.
+    system = ""
+    if messages and messages[0].get("role") == "system":
+        system, messages = messages[0].get("content") or "", messages[1:]
+    parts = [bos_token or "", "<|bom|><|system|> ", system]
+    for m in messages:
+        content = m.get("content") or ""
+        parts.append(f"<|eom|><|bom|><|{m['role']}|> {content if isinstance(content, str) else json.dumps(content)}")
+    parts.append("<|eom|><|bom|><|assistant|>" if add_generation_prompt else "<|eom|>")
+    return "".join(parts)
+
+
+@lru_cache(maxsize=8)
+def _compile(source: str):
+    """Compile a chat template in the environment transformers uses: sandboxed, immutable, trim/lstrip blocks."""
+    import jinja2
+    from jinja2 import nodes
+    from jinja2.ext import Extension, loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class GenerationTag(Extension):
+        # `{% generation %}` marks assistant text for training masks; rendering keeps the body as is
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller):
+            return caller()
+
+    class Namespace(jinja2.utils.Namespace):
+        # like transformers: no underscore names, so a template cannot reach interpreter internals
+        def __init__(*args, **kwargs):
+            self, attrs = args[0], dict(*args[1:], **kwargs)
+            for name in attrs:
+                Namespace._check(name)
+            jinja2.utils.Namespace.__init__(self, attrs)
+
+        def __setitem__(self, name, value):
+            Namespace._check(name)
+            jinja2.utils.Namespace.__setitem__(self, name, value)
+
+        @staticmethod
+        def _check(name):
+            if isinstance(name, str) and name.startswith("_"):
+                raise jinja2.exceptions.SecurityError(f"namespace attribute {name!r} starts with an underscore")
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        # unlike jinja's own filter: no HTML escaping, and indent/separators are honoured
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[GenerationTag, loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals.update(raise_exception=raise_exception, namespace=Namespace,
+                       strftime_now=lambda fmt: datetime.now().strftime(fmt))
+    try:
+        return env.from_string(source)
+    except jinja2.TemplateSyntaxError as e:
+        raise ChatTemplateError(f"chat template has a syntax error on line {e.lineno}: {e.message}") from None
+
+
+class StreamingDetokenizer:
+    """Turn token ids, one at a time, into text segments whose concatenation equals `decode(all ids)`.
+
+    Each new token is decoded together with the tokens before it (from the start of the last emitted
+    piece), so decoders that depend on context (leading-space stripping, byte fallback, byte-level BPE)
+    give the same text as a full decode. A segment that would end in U+FFFD (an unfinished UTF-8
+    character) is held back until a later token completes it, or until `flush`; so is a run of byte-fallback
+    tokens, because one invalid byte turns the whole run into U+FFFD when it is decoded.
+    """
+
+    def __init__(self, tokenizer: Tokenizer):
+        self._tokenizer = tokenizer
+        self.tokens: list[int] = []
+        self._prefix = 0  # start of the decoding window
+        self._read = 0  # tokens before this index have been emitted
+        self._bytes = tokenizer.byte_fallback_ids
+
+    def add(self, token: int) -> str:
+        """Add one token; return the text it completes (often "", never half a character)."""
+        self.tokens.append(int(token))
+        return self._emit(final=False)
+
+    def flush(self) -> str:
+        """Return whatever is still held back (an unfinished character comes out as U+FFFD, as in decode)."""
+        return self._emit(final=True)
+
+    def _emit(self, final: bool) -> str:
+        if self._read == len(self.tokens) or (not final and self.tokens[-1] in self._bytes):
+            return ""
+        decode = self._tokenizer.decode
+        before = decode(self.tokens[self._prefix:self._read])
+        text = decode(self.tokens[self._prefix:])
+        if not final and (len(text) <= len(before) or text.endswith("\ufffd")):
+            return ""
+        self._prefix, self._read = self._read, len(self.tokens)
+        return text[len(before):]
+
 
 def load_tokenizer(directory: Path) -> Tokenizer:
     from tokenizers import Tokenizer as HFTokenizer
@@ -63,14 +259,21 @@ def load_tokenizer(directory: Path) -> Tokenizer:
         tok = HFTokenizer.from_file(str(path))
     except Exception as e:  # tokenizers raises a bare Exception on malformed files
         raise CheckpointError(f"tokenizer.json in {directory} cannot be read: {str(e).splitlines()[0]}") from None
-    config = {}
-    config_path = directory / "tokenizer_config.json"
-    if config_path.exists():
-        try:
-            config = json.loads(config_path.read_text())
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{config_path} is not valid JSON: {e}") from None
+    config = _read_json(directory / "special_tokens_map.json")
+    config.update(_read_json(directory / "tokenizer_config.json"))
     template = directory / "chat_template.jinja"
-    if "chat_template" not in config and template.exists():
-        config["chat_template"] = template.read_text()
-    return Tokenizer(tok, config)
+    if template.exists():  # the separate file wins over tokenizer_config's entry, as in transformers
+        config["chat_template"] = template.read_text(encoding="utf-8")
+    return Tokenizer(tok, config, _read_json(directory / "generation_config.json"))
+
+
+def _read_json(path: Path) -> dict:
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} must hold a JSON object")
+    return data

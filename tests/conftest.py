@@ -10,6 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
+# The tiny models run fastest on one thread, and far faster than on two when the CPU is shared.
+torch.set_num_threads(1)
+
 VOCAB = 320
 SPECIALS = ["<|pad|>", "<|startoftext|>", "<|endoftext|>", "<|bom|>", "<|eom|>", "<|system|>", "<|user|>",
             "<|assistant|>"]
@@ -116,3 +119,11 @@ def sharded_checkpoint(tmp_path_factory, tokenizer_dir) -> Path:
     10 MiB download chunk, so a transfer cut mid-shard leaves resumable bytes behind (see test_hub.py)."""
     model = make_hf_model(**{**CONFIGS["reasoning"], "intermediate_size": 6144})
     return save_checkpoint(model, tmp_path_factory.mktemp("sharded"), tokenizer_dir, max_shard_size="15MB")
+
+
+@pytest.fixture(scope="session")
+def small(checkpoints):
+    """The 4-layer checkpoint, loaded: the cheapest model for generation and CLI tests."""
+    from jamba_cli.loader import load
+
+    return load(checkpoints["top1"][0], dtype="fp32", device="cpu")

@@ -1,0 +1,1 @@
+complete --command jamba --no-files --arguments "(env _JAMBA_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=get-args _TYPER_COMPLETE_ARGS=(commandline -cp) jamba)" --condition "env _JAMBA_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=is-args _TYPER_COMPLETE_ARGS=(commandline -cp) jamba"

@@ -1,0 +1,90 @@
+"""What `run` and `chat` show a person, on stderr: colour choice, the load progress bar, the stats line, and
+Ctrl+C handling that stops generation cleanly. stdout is left to the generated text."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+
+def stderr_console(color: str = "auto"):
+    """A rich Console on stderr. auto: colour on a TTY unless NO_COLOR is set (FORCE_COLOR forces it);
+    always/never override both."""
+    from rich.console import Console
+
+    if color == "auto" and os.environ.get("FORCE_COLOR") and not os.environ.get("NO_COLOR"):
+        color = "always"
+    if color == "never" or (color == "auto" and (os.environ.get("NO_COLOR") or not sys.stderr.isatty())):
+        return Console(stderr=True, color_system=None, highlight=False, force_terminal=False)
+    if color == "always":
+        return Console(stderr=True, force_terminal=True, no_color=False, highlight=False, color_system="standard")
+    return Console(stderr=True, highlight=False)
+
+
+@contextmanager
+def load_progress(console, label: str) -> Iterator[Callable[[int, int], None] | None]:
+    """A (bytes done, bytes total) callback that drives a progress bar when stderr is a TTY, else None."""
+    if not sys.stderr.isatty():
+        yield None
+        return
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
+                  console=console, transient=True) as bar:
+        task = bar.add_task(label, total=None)
+        yield lambda done, total: bar.update(task, completed=done, total=total)
+
+
+class Interrupt:
+    """While active, a first Ctrl+C only sets `requested` (generation polls it and stops at the next token);
+    a second one raises KeyboardInterrupt, for when the first is not acted on quickly enough."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self) -> Interrupt:
+        self.requested = False
+        self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        signal.signal(signal.SIGINT, self._previous)
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return ""
+
+
+def stats_line(stats, finish_reason: str | None, load_s: float | None, device_type: str) -> str:
+    """One human line, ollama-style: load, prompt, time to first token, generation, peak memory, finish."""
+    parts = []
+    if load_s is not None:
+        parts.append(f"load {load_s:.2f} s")
+    cached = f", {stats.cached_tokens} cached" if stats.cached_tokens else ""
+    parts.append(f"prompt {stats.prompt_tokens} tok{cached} {stats.prompt_tps:.1f} tok/s")
+    parts.append(f"first token {stats.ttft_s:.2f} s")
+    parts.append(f"generated {stats.generation_tokens} tok {stats.generation_tps:.1f} tok/s")
+    memory = "peak GPU memory" if device_type == "cuda" else "peak RSS"
+    parts.append(f"{memory} {format_bytes(stats.peak_memory_bytes)}")
+    parts.append(f"finish {finish_reason}")
+    return " · ".join(parts)
+
+
+def silence_stdout() -> None:
+    """After the reader of stdout went away: point fd 1 at /dev/null so the exit-time flush cannot fail."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
