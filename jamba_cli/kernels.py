@@ -177,23 +177,28 @@ def _scan_block(dt, u, A, Bm, Cm, h0, c):
         * Bm.view(b, n, nc, c).permute(2, 3, 0, 1).unsqueeze(-2)  # (nc, c, B, E, N)
     C_ = Cm.view(b, n, nc, c).permute(2, 3, 0, 1).unsqueeze(-1)  # (nc, c, B, N, 1)
 
+    # per-step views through unbind, not indexing: the backward then gathers each gradient once
+    # instead of once per step (linear in T, which training needs)
+    dA_j, dBu_j, C_j = dA.unbind(1), dBu.unbind(1), C_.unbind(1)
+
     # pass 1: every chunk from a zero state
     hl = torch.zeros(nc, b, e, n, dtype=torch.float32, device=u.device)
     for j in range(c):
-        hl = torch.addcmul(dBu[:, j], dA[:, j], hl)
+        hl = torch.addcmul(dBu_j[j], dA_j[j], hl)
     decay = torch.exp(dt_.sum(1).unsqueeze(-1) * A)  # (nc, B, E, N): product of dA over each chunk
     # pass 2: the true state at the start of each chunk
     starts = []
     h = h0
-    for i in range(nc):
+    for hl_i, decay_i in zip(hl.unbind(0), decay.unbind(0)):
         starts.append(h)
-        h = torch.addcmul(hl[i], decay[i], h)
+        h = torch.addcmul(hl_i, decay_i, h)
     # pass 3: rerun each chunk from its start state, reading y out
     hs = torch.stack(starts)
-    ys = torch.empty(c, nc, b, e, dtype=torch.float32, device=u.device)
+    ys = []
     for j in range(c):
-        hs = torch.addcmul(dBu[:, j], dA[:, j], hs)
-        ys[j] = torch.matmul(hs, C_[:, j]).squeeze(-1)
+        hs = torch.addcmul(dBu_j[j], dA_j[j], hs)
+        ys.append(torch.matmul(hs, C_j[j]).squeeze(-1))
+    ys = torch.stack(ys)  # (c, nc, B, E)
     y = ys.permute(2, 3, 1, 0).reshape(b, e, nc * c)[..., :t]
     return y, hs[-1]
 

@@ -86,6 +86,14 @@ def read_header(path: Path) -> dict[str, TensorEntry]:
     return entries
 
 
+BUNDLED_MODEL = "jamba-tiny-shakespeare"  # trained by tools/train_tiny.py, shipped in the wheel
+
+
+def bundled_model_dir() -> Path:
+    """The directory of the small Jamba shipped with the package, the default model."""
+    return Path(__file__).resolve().parent / "assets" / BUNDLED_MODEL
+
+
 def resolve(path_or_repo: str | os.PathLike, revision: str | None = None) -> Path:
     """A local directory, or a Hub repo id already in the local HF cache (never touches the network)."""
     p = Path(path_or_repo).expanduser()
@@ -285,13 +293,14 @@ def _set_param(model: torch.nn.Module, name: str, value: torch.nn.Parameter) -> 
     setattr(model.get_submodule(module_name), attr, value)
 
 
-def load(path_or_repo: str | os.PathLike, *, dtype: torch.dtype | str | None = None,
+def load(path_or_repo: str | os.PathLike | None = None, *, dtype: torch.dtype | str | None = None,
          device: torch.device | str | None = None, revision: str | None = None,
          progress: Progress | None = None) -> tuple[JambaForCausalLM, Tokenizer]:
     """Load a Jamba model and its tokenizer.
 
     Args:
-        path_or_repo: a checkpoint directory, or a Hub repo id already in the local HF cache.
+        path_or_repo: a checkpoint directory, or a Hub repo id already in the local HF cache;
+            None for the bundled model (`bundled_model_dir()`).
         dtype: torch dtype or one of bf16/fp16/fp32; default bf16 on GPU, fp32 on CPU when it fits.
         device: where the weights go; default cuda when available, else cpu.
         progress: called with (bytes loaded, total bytes) as the weights stream in.
@@ -303,7 +312,7 @@ def load(path_or_repo: str | os.PathLike, *, dtype: torch.dtype | str | None = N
         if dtype.lower() not in DTYPE_NAMES:
             raise ConfigError(f"unknown dtype {dtype!r}; use bf16, fp16 or fp32")
         dtype = DTYPE_NAMES[dtype.lower()]
-    directory = resolve(path_or_repo, revision)
+    directory = bundled_model_dir() if path_or_repo is None else resolve(path_or_repo, revision)
     if not (directory / "config.json").exists():
         raise CheckpointError(f"no config.json in {directory}")
     tokenizer = load_tokenizer(directory)

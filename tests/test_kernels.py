@@ -61,3 +61,14 @@ def test_conv_continues_from_state():
                        for a, b in [(0, 2), (2, 3), (3, 11), (11, 20)]], dim=-1)
     assert torch.allclose(parts, whole, atol=1e-6)
     assert torch.equal(state, x[..., -3:])
+
+
+def test_scan_gradients_match_sequential_recurrence():
+    # training (tools/train_tiny.py) backpropagates through the chunked scan
+    inputs = [x.requires_grad_() for x in _inputs(2, 6, 5, 70, seed=3)[:-1]]
+    weight = torch.randn(2, 6, 70, generator=torch.Generator().manual_seed(4))
+    got = torch.autograd.grad((kernels.selective_scan(*inputs, None) * weight).sum(), inputs)
+    want_y, _ = naive_scan(*inputs, torch.zeros(2, 6, 5))
+    want = torch.autograd.grad((want_y * weight.double()).sum(), inputs)
+    for g, w in zip(got, want):
+        assert (g - w).abs().max() < 1e-3 * (1 + w.abs().max())
