@@ -19,3 +19,11 @@ class ConfigError(JambaError, ValueError):
 
 class CheckpointError(JambaError):
     """Weights or tokenizer files are missing, corrupt, or do not match the config."""
+
+
+class DeviceMapError(JambaError, ValueError):
+    """A device map, --max-memory or --offload-folder that cannot place the model."""
+
+
+class DependencyError(JambaError):
+    """An optional dependency that the requested feature needs is not installed."""

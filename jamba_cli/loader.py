@@ -13,15 +13,18 @@ import ctypes
 import json
 import os
 import re
+import shutil
 import struct
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from . import quant
 from .config import JambaConfig
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, DeviceMapError
 from .model import JambaForCausalLM
 from .tokenizer import Tokenizer, load_tokenizer
 
@@ -148,45 +151,60 @@ def approx_params(c: JambaConfig) -> int:
     return per_layer + 2 * c.vocab_size * c.hidden_size
 
 
-def plan(model: JambaForCausalLM, entries: dict[str, TensorEntry]) -> list[tuple[str, TensorEntry, int | None]]:
-    """Map each checkpoint tensor to (parameter name, entry, slot): slot is the expert's row block of a
-    stacked parameter, None for a plain parameter. Raises on any missing, unexpected or misshapen tensor."""
-    params = dict(model.named_parameters(remove_duplicate=False))
-    shapes = {name: tuple(p.shape) for name, p in params.items()}
+@dataclass
+class Step:
+    name: str  # the parameter, named as in the unquantized model
+    entry: TensorEntry
+    index: tuple = ()  # where in the parameter the tensor goes: (expert, rows) for a stacked one
+
+
+def plan(model: JambaForCausalLM, entries: dict[str, TensorEntry]) -> list[Step]:
+    """Map each checkpoint tensor to the part of a parameter it fills; raises on any missing, unexpected or
+    misshapen tensor. Experts stacked on disk are split into one step per expert, like per-expert keys."""
+    shapes = {name: tuple(p.shape) for name, p in model.named_parameters(remove_duplicate=False)}
     tied = model.config.tie_word_embeddings
     covered: dict[str, set] = {}
     out = []
     for key in sorted(entries):
         entry = entries[key]
+        if key == "lm_head.weight" and tied:
+            continue  # a tied head is the embedding; a saved copy of it is redundant
         m = _EXPERT_KEY.match(key)
         if m:
             base, e, proj = m.group(1), int(m.group(2)), m.group(3)
-            target = f"{base}.{'down_proj' if proj == 'down_proj' else 'gate_up_proj'}"
-            if target not in shapes or e >= shapes[target][0]:
+            name = f"{base}.{'down_proj' if proj == 'down_proj' else 'gate_up_proj'}"
+            if name not in shapes or e >= shapes[name][0]:
                 raise CheckpointError(f"unexpected tensor {key} in {entry.file.name}")
-            full = shapes[target]
-            want = (full[1] // 2, full[2]) if proj != "down_proj" else full[1:]
-            part = {"gate_proj": 0, "up_proj": 1, "down_proj": 0}[proj]
+            _, rows, cols = shapes[name]
+            part = int(proj == "up_proj")
+            if proj == "down_proj":
+                want, index = (rows, cols), (e,)
+            else:
+                half = rows // 2
+                want, index = (half, cols), (e, slice(part * half, (part + 1) * half))
             _check_shape(key, entry, want)
-            covered.setdefault(target, set()).add((e, part))
-            out.append((target, entry, e * (2 if proj != "down_proj" else 1) + part))
+            covered.setdefault(name, set()).add((e, part))
+            out.append(Step(name, entry, index))
             continue
-        if key == "lm_head.weight" and tied:
-            continue  # a tied head is the embedding; a saved copy of it is redundant
         if key not in shapes:
             raise CheckpointError(f"unexpected tensor {key} in {entry.file.name}")
         _check_shape(key, entry, shapes[key])
-        covered.setdefault(key, set()).add(None)
-        out.append((key, entry, None))
+        if key.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            per_expert = (entry.end - entry.begin) // entry.shape[0]
+            for e in range(entry.shape[0]):
+                begin = entry.begin + e * per_expert
+                out.append(Step(key, TensorEntry(entry.file, entry.dtype, entry.shape[1:], begin, begin + per_expert),
+                                (e,)))
+                covered.setdefault(key, set()).update((e, p) for p in (0, 1))
+        else:
+            covered.setdefault(key, set()).add(None)
+            out.append(Step(key, entry))
     for name, shape in shapes.items():
         if tied and name == "lm_head.weight":
             continue
         if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
             want = {(e, p) for e in range(shape[0]) for p in ((0, 1) if name.endswith("gate_up_proj") else (0,))}
-            got = covered.get(name, set())
-            if None in got:
-                continue
-            lacking = sorted(want - got)
+            lacking = sorted(want - covered.get(name, set()))
             if lacking:
                 e, p = lacking[0]
                 proj = "down_proj" if name.endswith("down_proj") else ("gate_proj", "up_proj")[p]
@@ -202,11 +220,260 @@ def _check_shape(key: str, entry: TensorEntry, want: tuple[int, ...]) -> None:
                               f"config expects {list(want)}")
 
 
-def load_model(directory: Path, *, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
-               progress: Progress | None = None) -> JambaForCausalLM:
+# -- placement: which device each parameter lives on ---------------------------------------------------------
+
+AUTO_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+NO_SPLIT = ["DecoderLayer"]  # a layer's residual stream stays on one device; the forward moves it between layers
+DeviceMap = dict[str, str]  # module or parameter name ("" = the whole model) -> "cuda:0", "cpu", "disk", ...
+
+
+def parse_max_memory(text: str) -> dict[int | str, int]:
+    """'0=70GiB,1=80GiB,cpu=200GiB' (the --max-memory form) -> {0: bytes, 1: bytes, 'cpu': bytes}."""
+    out: dict[int | str, int | str] = {}
+    for item in (s.strip() for s in text.split(",")):
+        key, sep, size = item.partition("=")
+        if not sep or not key.strip() or not size.strip():
+            raise DeviceMapError(f"--max-memory entry {item!r} is not DEVICE=SIZE (e.g. 0=70GiB,cpu=200GiB)")
+        key = key.strip().lower()
+        out[int(key) if key.isdigit() else key] = size.strip()
+    return _max_memory(out)
+
+
+def _max_memory(budget: dict) -> dict[int | str, int]:
+    from accelerate.utils import convert_file_size_to_int
+
+    out = {}
+    for key, size in budget.items():
+        device = _device(key, "--max-memory")
+        if device == "cpu" or device == "disk" or device == "mps":
+            key = device
+        elif device.startswith("cuda:"):
+            key = int(device[5:])
+        try:
+            out[key] = convert_file_size_to_int(size.replace(" ", "") if isinstance(size, str) else size)
+        except (ValueError, AttributeError):
+            raise DeviceMapError(f"--max-memory size {size!r} for {device} is not a size like 70GiB or 500MB") from None
+    return out
+
+
+def _device(value, what: str) -> str:
+    """A device map value (GPU index, 'cuda:1', 'cpu', 'disk', ...) as a device name that exists here."""
+    if value == "disk":
+        return "disk"
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        device = torch.device("cuda", value) if isinstance(value, int) else torch.device(value)
+    except (RuntimeError, TypeError, ValueError):
+        raise DeviceMapError(f"{what}: {value!r} is not a device (use a GPU index, cuda:N, cpu or disk)") from None
+    if device.type == "cuda":
+        n, i = torch.cuda.device_count(), device.index or 0
+        if i >= n:
+            seen = "no GPU is visible" if n == 0 else f"only cuda:0 to cuda:{n - 1} are visible"
+            raise DeviceMapError(f"{what}: there is no cuda:{i} ({seen})")
+        return f"cuda:{i}"
+    if device.type == "meta" or (device.type == "mps" and not torch.backends.mps.is_available()):
+        raise DeviceMapError(f"{what}: device {device.type} is not available here")
+    return str(device)
+
+
+def _read_map(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except OSError as e:
+        raise DeviceMapError(f"cannot read device map {path}: {e.strerror}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DeviceMapError(f"device map {path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise DeviceMapError(f"device map {path} must hold a JSON object of module name -> device")
+    return data
+
+
+def _explicit_map(model: JambaForCausalLM, device_map) -> DeviceMap:
+    if isinstance(device_map, (str, os.PathLike)) and (str(device_map).endswith(".json") or Path(device_map).is_file()):
+        device_map = _read_map(Path(device_map))
+    if not isinstance(device_map, dict):
+        return {"": _device(device_map, "--device-map")}
+    names = {n for n, _ in model.named_modules()} | {n for n, _ in model.named_parameters()}
+    n_layers = model.config.num_hidden_layers
+    out = {}
+    for key, value in device_map.items():
+        if key not in names:
+            m = re.fullmatch(r"model\.layers\.(\d+)(\..*)?", str(key))
+            hint = f" (it has {n_layers} layers, model.layers.0 to model.layers.{n_layers - 1})" \
+                if m and int(m.group(1)) >= n_layers else ""
+            raise DeviceMapError(f"device map names {key!r}, which is not a module of this model{hint}")
+        out[key] = _device(value, f"device map entry {key!r}")
+    return out
+
+
+def _auto_map(model: JambaForCausalLM, kind: str, budget: dict | None, dtype: torch.dtype,
+              special: dict) -> DeviceMap:
+    from accelerate.utils import get_balanced_memory, infer_auto_device_map
+
+    budget = dict(budget) if budget else None
+    if kind != "sequential":
+        budget = get_balanced_memory(model, budget, no_split_module_classes=NO_SPLIT, dtype=dtype,
+                                     special_dtypes=special, low_zero=kind == "balanced_low_0")
+    found = infer_auto_device_map(model, budget, no_split_module_classes=NO_SPLIT, dtype=dtype,
+                                  special_dtypes=special)
+    return {key: _device(value, "device map") for key, value in found.items()}
+
+
+def _assign(model: JambaForCausalLM, device_map: DeviceMap) -> dict[str, str]:
+    """Parameter name -> device, by the longest device-map key that is a prefix of its name."""
+    out = {}
+    for name, _ in model.named_parameters():
+        parts = name.split(".")
+        owner = next((".".join(parts[:k]) for k in range(len(parts), -1, -1) if ".".join(parts[:k]) in device_map),
+                     None)
+        if owner is None:
+            top = next(".".join(parts[:k]) for k in range(1, len(parts) + 1)
+                       if not any(key == ".".join(parts[:k]) or key.startswith(".".join(parts[:k]) + ".")
+                                  for key in device_map))
+            raise DeviceMapError(f"device map leaves {top} unmapped; give it a device")
+        out[name] = device_map[owner]
+    for i in range(model.config.num_hidden_layers):
+        where = sorted({d for n, d in out.items() if n.startswith(f"model.layers.{i}.")})
+        if len(where) > 1:
+            raise DeviceMapError(f"device map splits model.layers.{i} over {' and '.join(where)}; "
+                                 f"give each layer one device")
+    return out
+
+
+def _check_budget(sizes: dict[str, float], devices: dict[str, str], budget: dict | None,
+                  offload_folder, automatic: bool) -> None:
+    need: dict[str, float] = {}
+    for name, device in devices.items():
+        need[device] = need.get(device, 0) + sizes[name]
+    gib = lambda n: f"{n / 2**30:.2f} GiB"
+    if "disk" in need and offload_folder is None:
+        if automatic:
+            allowed = "the free memory" if budget is None else "--max-memory (" + ", ".join(
+                f"{_device(k, 'max memory')} {gib(v)}" for k, v in budget.items()) + ")"
+            raise DeviceMapError(f"not enough memory: the weights need {gib(sum(sizes.values()))} and "
+                                 f"{gib(need['disk'])} of them do not fit in {allowed}; raise it, quantize, "
+                                 f"or pass --offload-folder")
+        raise DeviceMapError("the device map sends weights to disk: pass --offload-folder")
+    for key, allowed in (budget or {}).items():
+        device = _device(key, "max memory")
+        if need.get(device, 0) > allowed:
+            raise DeviceMapError(f"not enough memory: the device map puts {gib(need[device])} of weights on "
+                                 f"{device} but --max-memory allows {gib(allowed)} there")
+
+
+class Placer:
+    """Gives each parameter of a meta model its memory: allocated on its device, memory-mapped in a private
+    directory of the offload folder (the OS pages it in from disk when it runs on the CPU), or, for a
+    quantized weight, a full-precision staging buffer on its device that is quantized once it is filled."""
+
+    def __init__(self, model: JambaForCausalLM, devices: dict[str, str], dtype: torch.dtype,
+                 quantized: set[str], offload_folder: str | os.PathLike | None):
+        self.model, self.devices, self.dtype, self.quantized = model, devices, dtype, quantized
+        self.offload_dir = None
+        if "disk" in devices.values():
+            try:
+                Path(offload_folder).mkdir(parents=True, exist_ok=True)
+                self.offload_dir = Path(tempfile.mkdtemp(prefix="jamba-offload-", dir=offload_folder))
+            except OSError as e:
+                raise DeviceMapError(f"cannot use offload folder {offload_folder}: {e.strerror}") from None
+        self.staged: dict[str, list] = {}  # weight name -> [buffer, elements still to come]
+
+    def allocate(self) -> None:
+        for name, p in list(self.model.named_parameters()):
+            if name not in self.quantized:
+                device = self.devices[name]
+                t = self._mapped(name, p.shape) if device == "disk" else \
+                    torch.empty(p.shape, dtype=self.dtype, device=device)
+                _set_param(self.model, name, torch.nn.Parameter(t, requires_grad=False))
+        if self.model.config.tie_word_embeddings:
+            self.model.lm_head.weight = self.model.model.embed_tokens.weight
+        self.params = dict(self.model.named_parameters())
+
+    def target(self, name: str, index: tuple = ()) -> torch.Tensor:
+        """The tensor to write the part `index` of parameter `name` (unquantized naming) into."""
+        name, index = self._locate(name, index)
+        if name not in self.quantized:
+            return self.params[name].data[index]
+        if name not in self.staged:
+            shape = self.params[name].shape
+            self.staged[name] = [torch.empty(shape, dtype=self.dtype, device=self.devices[name]), shape.numel()]
+        return self.staged[name][0][index]
+
+    def written(self, name: str, index: tuple, numel: int) -> None:
+        """Note that `numel` elements of `name` were written; a completed quantized weight is quantized."""
+        name, _ = self._locate(name, index)
+        if name in self.staged:
+            self.staged[name][1] -= numel
+            if self.staged[name][1] == 0:
+                quant.quantize(self.model.get_submodule(name.rpartition(".")[0]), self.staged.pop(name)[0])
+
+    def finish(self) -> JambaForCausalLM:
+        self.close()
+        self.model.eval()
+        return self.model
+
+    def close(self) -> None:
+        # the mapped files stay usable after unlinking; their space is freed when the process exits
+        if self.offload_dir is not None:
+            shutil.rmtree(self.offload_dir, ignore_errors=True)
+
+    def _locate(self, name: str, index: tuple) -> tuple[str, tuple]:
+        base, _, kind = name.rpartition(".")
+        if kind in ("gate_up_proj", "down_proj") and f"{base}.{kind[:-5]}.{index[0]}.weight" in self.quantized:
+            return f"{base}.{kind[:-5]}.{index[0]}.weight", index[1:]  # one linear per expert (quant.QuantExperts)
+        return name, index
+
+    def _mapped(self, name: str, shape: torch.Size) -> torch.Tensor:
+        path = self.offload_dir / f"{name}.bin"
+        try:
+            with open(path, "wb") as f:
+                size = shape.numel() * self.dtype.itemsize
+                os.posix_fallocate(f.fileno(), 0, size) if hasattr(os, "posix_fallocate") else f.truncate(size)
+        except OSError as e:
+            raise DeviceMapError(f"cannot offload {name} to {self.offload_dir.parent}: {e.strerror}") from None
+        return torch.from_file(str(path), shared=True, size=shape.numel(), dtype=self.dtype).view(shape)
+
+
+def place(model: JambaForCausalLM, *, dtype: torch.dtype | None = None, device=None, device_map=None,
+          max_memory: dict | str | None = None, offload_folder: str | os.PathLike | None = None,
+          quant_config: quant.QuantConfig | None = None) -> Placer:
+    """Decide where each parameter of a meta-device model goes and swap in quantized modules (on meta).
+
+    Nothing is allocated: call `allocate()` on the result, then write each weight through `target`/`written`.
+    """
+    if device is not None and device_map is not None:
+        raise DeviceMapError("pass either a device or a device map, not both")
+    budget = parse_max_memory(max_memory) if isinstance(max_memory, str) else \
+        _max_memory(max_memory) if max_memory else None
+    if device_map is None:
+        device_map = "auto" if budget else device or ("cuda" if torch.cuda.is_available() else "cpu")
+    targets = quant.targets(model, quant_config) if quant_config else {}
+    special = {w: quant.weight_dtype(quant_config) for ws in targets.values() for w in ws}
+    automatic = isinstance(device_map, str) and device_map in AUTO_MAPS
+    if automatic:
+        dtype = dtype or default_dtype(model.config, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+        device_map = _auto_map(model, device_map, budget, dtype, special)
+    else:
+        device_map = _explicit_map(model, device_map)
+        first = next((d for d in device_map.values() if d not in ("cpu", "disk")), "cpu")
+        dtype = dtype or default_dtype(model.config, torch.device(first))
+    devices = _assign(model, device_map)
+    from accelerate.utils import dtype_byte_size
+
+    sizes = {name: p.numel() * dtype_byte_size(special.get(name, dtype)) for name, p in model.named_parameters()}
+    _check_budget(sizes, devices, budget, offload_folder, automatic)
+    quantized = set()
+    if targets:
+        names = [m for m, ws in targets.items() if devices[ws[0]] != "disk"]  # disk keeps full precision
+        quantized = quant.swap(model, names, quant_config, compute_dtype=dtype)
+        devices = _assign(model, device_map)
+    return Placer(model, devices, dtype, quantized, offload_folder)
+
+
+def load_model(directory: Path, *, progress: Progress | None = None, **placement) -> JambaForCausalLM:
+    """The model in `directory`, placed as `place(**placement)` decides, its weights streamed shard by shard."""
     config = JambaConfig.from_file(directory / "config.json")
-    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = dtype or default_dtype(config, device)
     entries: dict[str, TensorEntry] = {}
     for f in weight_files(directory):
         for key, entry in read_header(f).items():
@@ -216,35 +483,27 @@ def load_model(directory: Path, *, dtype: torch.dtype | None = None, device: tor
     with torch.device("meta"), _no_init():
         model = JambaForCausalLM(config)
     steps = plan(model, entries)  # raises before any memory is spent
-
-    params = dict(model.named_parameters())
-    for name, p in params.items():
-        new = torch.empty(p.shape, dtype=dtype, device=device)
-        _set_param(model, name, torch.nn.Parameter(new, requires_grad=False))
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    params = dict(model.named_parameters())
-
-    total = sum(e.end - e.begin for _, e, _ in steps)
-    done = 0
-    by_file: dict[Path, list] = {}
-    for step in steps:
-        by_file.setdefault(step[1].file, []).append(step)
-    for path, file_steps in by_file.items():
-        with open(path, "rb", buffering=0) as f:
-            for name, entry, slot in sorted(file_steps, key=lambda s: s[1].begin):
-                dest = params[name].data
-                if slot is not None:
-                    rows = entry.shape[0]
-                    dest = dest[slot // 2] if name.endswith("gate_up_proj") else dest[slot]
-                    if name.endswith("gate_up_proj"):
-                        dest = dest[(slot % 2) * rows:(slot % 2 + 1) * rows]
-                _read_into(f, entry, dest)
-                done += entry.end - entry.begin
-                if progress:
-                    progress(done, total)
-    model.eval()
-    return model
+    placer = place(model, **placement)
+    try:
+        placer.allocate()
+        total = sum(s.entry.end - s.entry.begin for s in steps)
+        done = 0
+        by_file: dict[Path, list[Step]] = {}
+        for step in steps:
+            by_file.setdefault(step.entry.file, []).append(step)
+        for path, file_steps in by_file.items():
+            with open(path, "rb", buffering=0) as f:
+                for step in sorted(file_steps, key=lambda s: s.entry.begin):
+                    dest = placer.target(step.name, step.index)
+                    _read_into(f, step.entry, dest)
+                    placer.written(step.name, step.index, dest.numel())
+                    done += step.entry.end - step.entry.begin
+                    if progress:
+                        progress(done, total)
+    except BaseException:
+        placer.close()
+        raise
+    return placer.finish()
 
 
 @contextlib.contextmanager
@@ -287,25 +546,46 @@ def _set_param(model: torch.nn.Module, name: str, value: torch.nn.Parameter) -> 
 
 def load(path_or_repo: str | os.PathLike, *, dtype: torch.dtype | str | None = None,
          device: torch.device | str | None = None, revision: str | None = None,
-         progress: Progress | None = None) -> tuple[JambaForCausalLM, Tokenizer]:
+         progress: Progress | None = None, device_map: str | dict | os.PathLike | None = None,
+         max_memory: dict | str | None = None, offload_folder: str | os.PathLike | None = None,
+         load_in_8bit: bool = False, load_in_4bit: bool = False, int8_skip: tuple[str, ...] | str = quant.DEFAULT_SKIP,
+         int8_threshold: float = 6.0) -> tuple[JambaForCausalLM, Tokenizer]:
     """Load a Jamba model and its tokenizer.
 
     Args:
         path_or_repo: a checkpoint directory, or a Hub repo id already in the local HF cache.
         dtype: torch dtype or one of bf16/fp16/fp32; default bf16 on GPU, fp32 on CPU when it fits.
-        device: where the weights go; default cuda when available, else cpu.
+        device: where the weights go; default cuda when available, else cpu. Or give a device_map:
+        device_map: "auto"/"balanced" (spread evenly over the GPUs, then CPU, then disk), "balanced_low_0"
+            (spare GPU 0), "sequential" (fill GPU 0 first), a device ("cpu", "cuda:1"), a dict of module name
+            -> device (GPU index, "cuda:N", "cpu", "disk") or the path of a JSON file holding one.
+            Modules on "cpu" or "disk" run on the CPU; each layer's cache lives on its layer's device.
+        max_memory: per-device budget for the automatic maps, {0: "70GiB", "cpu": "200GiB"} or the string
+            "0=70GiB,cpu=200GiB"; implies device_map="auto" when no map is given.
+        offload_folder: where "disk" weights are kept (memory-mapped, in full precision).
+        load_in_8bit / load_in_4bit: bitsandbytes LLM.int8 / nf4 weights for the linear layers and experts,
+            quantized as they stream in; `int8_skip` names the modules kept in full precision (Mamba mixers,
+            routers and lm_head by default); `int8_threshold` is LLM.int8's outlier threshold.
         progress: called with (bytes loaded, total bytes) as the weights stream in.
 
     Returns:
-        (model, tokenizer). Raises CheckpointError / ConfigError with a one-line message.
+        (model, tokenizer). Raises a JambaError subclass with a one-line message.
     """
     if isinstance(dtype, str):
         if dtype.lower() not in DTYPE_NAMES:
             raise ConfigError(f"unknown dtype {dtype!r}; use bf16, fp16 or fp32")
         dtype = DTYPE_NAMES[dtype.lower()]
+    if load_in_8bit and load_in_4bit:
+        raise ConfigError("choose one of 8-bit and 4-bit loading")
+    quant_config = None
+    if load_in_8bit or load_in_4bit:
+        quant.require_bnb()
+        skip = quant.parse_skip(int8_skip) if isinstance(int8_skip, str) else tuple(int8_skip)
+        quant_config = quant.QuantConfig(8 if load_in_8bit else 4, skip, int8_threshold)
     directory = resolve(path_or_repo, revision)
     if not (directory / "config.json").exists():
         raise CheckpointError(f"no config.json in {directory}")
     tokenizer = load_tokenizer(directory)
-    model = load_model(directory, dtype=dtype, device=device, progress=progress)
+    model = load_model(directory, dtype=dtype, device=device, device_map=device_map, max_memory=max_memory,
+                       offload_folder=offload_folder, quant_config=quant_config, progress=progress)
     return model, tokenizer
