@@ -239,9 +239,20 @@ def parse_max_memory(text: str) -> dict[int | str, int]:
     return _max_memory(out)
 
 
-def _max_memory(budget: dict) -> dict[int | str, int]:
-    from accelerate.utils import convert_file_size_to_int
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
+
+def _bytes(size) -> int:
+    if isinstance(size, int) and not isinstance(size, bool) and size >= 0:
+        return size
+    m = re.fullmatch(r"(\d+(?:\.\d*)?)\s*([kmgt]i?b|b)?", str(size).strip().lower())
+    if not m:
+        raise ValueError(size)
+    return int(float(m.group(1)) * _UNITS[m.group(2) or ""])
+
+
+def _max_memory(budget: dict) -> dict[int | str, int]:
     out = {}
     for key, size in budget.items():
         device = _device(key, "--max-memory")
@@ -250,8 +261,8 @@ def _max_memory(budget: dict) -> dict[int | str, int]:
         elif device.startswith("cuda:"):
             key = int(device[5:])
         try:
-            out[key] = convert_file_size_to_int(size.replace(" ", "") if isinstance(size, str) else size)
-        except (ValueError, AttributeError):
+            out[key] = _bytes(size)
+        except ValueError:
             raise DeviceMapError(f"--max-memory size {size!r} for {device} is not a size like 70GiB or 500MB") from None
     return out
 
@@ -346,20 +357,24 @@ def _check_budget(sizes: dict[str, float], devices: dict[str, str], budget: dict
     need: dict[str, float] = {}
     for name, device in devices.items():
         need[device] = need.get(device, 0) + sizes[name]
-    gib = lambda n: f"{n / 2**30:.2f} GiB"
     if "disk" in need and offload_folder is None:
         if automatic:
             allowed = "the free memory" if budget is None else "--max-memory (" + ", ".join(
-                f"{_device(k, 'max memory')} {gib(v)}" for k, v in budget.items()) + ")"
-            raise DeviceMapError(f"not enough memory: the weights need {gib(sum(sizes.values()))} and "
-                                 f"{gib(need['disk'])} of them do not fit in {allowed}; raise it, quantize, "
+                f"{_device(k, 'max memory')} {_human(v)}" for k, v in budget.items()) + ")"
+            raise DeviceMapError(f"not enough memory: the weights need {_human(sum(sizes.values()))} and "
+                                 f"{_human(need['disk'])} of them do not fit in {allowed}; raise it, quantize, "
                                  f"or pass --offload-folder")
         raise DeviceMapError("the device map sends weights to disk: pass --offload-folder")
     for key, allowed in (budget or {}).items():
         device = _device(key, "max memory")
         if need.get(device, 0) > allowed:
-            raise DeviceMapError(f"not enough memory: the device map puts {gib(need[device])} of weights on "
-                                 f"{device} but --max-memory allows {gib(allowed)} there")
+            raise DeviceMapError(f"not enough memory: the device map puts {_human(need[device])} of weights on "
+                                 f"{device} but --max-memory allows {_human(allowed)} there")
+
+
+def _human(n: float) -> str:
+    unit = next(u for u in ("TiB", "GiB", "MiB", "KiB", "B") if n >= _UNITS[u.lower()] or u == "B")
+    return f"{n / _UNITS[unit.lower()]:.1f} {unit}" if unit != "B" else f"{n:.0f} B"
 
 
 class Placer:

@@ -13,6 +13,7 @@ A skip entry matches a module when it equals whole components of its dotted name
 from __future__ import annotations
 
 import logging
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -44,6 +45,8 @@ def parse_skip(text: str) -> tuple[str, ...]:
 
 def require_bnb():
     """Import bitsandbytes, or raise a one-line DependencyError saying how to install it."""
+    if sys.modules.get("bitsandbytes") is not None:
+        return sys.modules["bitsandbytes"]
     log = logging.getLogger("bitsandbytes")
     level = log.level
     log.setLevel(logging.ERROR)  # its CPU backend logs optional-kernel misses at import time
