@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from . import quant
+from . import devices, quant
 from .config import JambaConfig
 from .errors import CheckpointError, ConfigError, DeviceMapError
 from .model import JambaForCausalLM
@@ -220,173 +220,16 @@ def _check_shape(key: str, entry: TensorEntry, want: tuple[int, ...]) -> None:
                               f"config expects {list(want)}")
 
 
-# -- placement: which device each parameter lives on ---------------------------------------------------------
-
-AUTO_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
-NO_SPLIT = ["DecoderLayer"]  # a layer's residual stream stays on one device; the forward moves it between layers
-DeviceMap = dict[str, str]  # module or parameter name ("" = the whole model) -> "cuda:0", "cpu", "disk", ...
-
-
-def parse_max_memory(text: str) -> dict[int | str, int]:
-    """'0=70GiB,1=80GiB,cpu=200GiB' (the --max-memory form) -> {0: bytes, 1: bytes, 'cpu': bytes}."""
-    out: dict[int | str, int | str] = {}
-    for item in (s.strip() for s in text.split(",")):
-        key, sep, size = item.partition("=")
-        if not sep or not key.strip() or not size.strip():
-            raise DeviceMapError(f"--max-memory entry {item!r} is not DEVICE=SIZE (e.g. 0=70GiB,cpu=200GiB)")
-        key = key.strip().lower()
-        out[int(key) if key.isdigit() else key] = size.strip()
-    return _max_memory(out)
-
-
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-
-
-def _bytes(size) -> int:
-    if isinstance(size, int) and not isinstance(size, bool) and size >= 0:
-        return size
-    m = re.fullmatch(r"(\d+(?:\.\d*)?)\s*([kmgt]i?b|b)?", str(size).strip().lower())
-    if not m:
-        raise ValueError(size)
-    return int(float(m.group(1)) * _UNITS[m.group(2) or ""])
-
-
-def _max_memory(budget: dict) -> dict[int | str, int]:
-    out = {}
-    for key, size in budget.items():
-        device = _device(key, "--max-memory")
-        if device == "cpu" or device == "disk" or device == "mps":
-            key = device
-        elif device.startswith("cuda:"):
-            key = int(device[5:])
-        try:
-            out[key] = _bytes(size)
-        except ValueError:
-            raise DeviceMapError(f"--max-memory size {size!r} for {device} is not a size like 70GiB or 500MB") from None
-    return out
-
-
-def _device(value, what: str) -> str:
-    """A device map value (GPU index, 'cuda:1', 'cpu', 'disk', ...) as a device name that exists here."""
-    if value == "disk":
-        return "disk"
-    try:
-        if isinstance(value, bool):
-            raise TypeError
-        device = torch.device("cuda", value) if isinstance(value, int) else torch.device(value)
-    except (RuntimeError, TypeError, ValueError):
-        raise DeviceMapError(f"{what}: {value!r} is not a device (use a GPU index, cuda:N, cpu or disk)") from None
-    if device.type == "cuda":
-        n, i = torch.cuda.device_count(), device.index or 0
-        if i >= n:
-            seen = "no GPU is visible" if n == 0 else f"only cuda:0 to cuda:{n - 1} are visible"
-            raise DeviceMapError(f"{what}: there is no cuda:{i} ({seen})")
-        return f"cuda:{i}"
-    if device.type == "meta" or (device.type == "mps" and not torch.backends.mps.is_available()):
-        raise DeviceMapError(f"{what}: device {device.type} is not available here")
-    return str(device)
-
-
-def _read_map(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except OSError as e:
-        raise DeviceMapError(f"cannot read device map {path}: {e.strerror}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DeviceMapError(f"device map {path} is not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise DeviceMapError(f"device map {path} must hold a JSON object of module name -> device")
-    return data
-
-
-def _explicit_map(model: JambaForCausalLM, device_map) -> DeviceMap:
-    if isinstance(device_map, (str, os.PathLike)) and (str(device_map).endswith(".json") or Path(device_map).is_file()):
-        device_map = _read_map(Path(device_map))
-    if not isinstance(device_map, dict):
-        return {"": _device(device_map, "--device-map")}
-    names = {n for n, _ in model.named_modules()} | {n for n, _ in model.named_parameters()}
-    n_layers = model.config.num_hidden_layers
-    out = {}
-    for key, value in device_map.items():
-        if key not in names:
-            m = re.fullmatch(r"model\.layers\.(\d+)(\..*)?", str(key))
-            hint = f" (it has {n_layers} layers, model.layers.0 to model.layers.{n_layers - 1})" \
-                if m and int(m.group(1)) >= n_layers else ""
-            raise DeviceMapError(f"device map names {key!r}, which is not a module of this model{hint}")
-        out[key] = _device(value, f"device map entry {key!r}")
-    return out
-
-
-def _auto_map(model: JambaForCausalLM, kind: str, budget: dict | None, dtype: torch.dtype,
-              special: dict) -> DeviceMap:
-    from accelerate.utils import get_balanced_memory, infer_auto_device_map
-
-    budget = dict(budget) if budget else None
-    if kind != "sequential":
-        budget = get_balanced_memory(model, budget, no_split_module_classes=NO_SPLIT, dtype=dtype,
-                                     special_dtypes=special, low_zero=kind == "balanced_low_0")
-    found = infer_auto_device_map(model, budget, no_split_module_classes=NO_SPLIT, dtype=dtype,
-                                  special_dtypes=special)
-    return {key: _device(value, "device map") for key, value in found.items()}
-
-
-def _assign(model: JambaForCausalLM, device_map: DeviceMap) -> dict[str, str]:
-    """Parameter name -> device, by the longest device-map key that is a prefix of its name."""
-    out = {}
-    for name, _ in model.named_parameters():
-        parts = name.split(".")
-        owner = next((".".join(parts[:k]) for k in range(len(parts), -1, -1) if ".".join(parts[:k]) in device_map),
-                     None)
-        if owner is None:
-            top = next(".".join(parts[:k]) for k in range(1, len(parts) + 1)
-                       if not any(key == ".".join(parts[:k]) or key.startswith(".".join(parts[:k]) + ".")
-                                  for key in device_map))
-            raise DeviceMapError(f"device map leaves {top} unmapped; give it a device")
-        out[name] = device_map[owner]
-    for i in range(model.config.num_hidden_layers):
-        where = sorted({d for n, d in out.items() if n.startswith(f"model.layers.{i}.")})
-        if len(where) > 1:
-            raise DeviceMapError(f"device map splits model.layers.{i} over {' and '.join(where)}; "
-                                 f"give each layer one device")
-    return out
-
-
-def _check_budget(sizes: dict[str, float], devices: dict[str, str], budget: dict | None,
-                  offload_folder, automatic: bool) -> None:
-    need: dict[str, float] = {}
-    for name, device in devices.items():
-        need[device] = need.get(device, 0) + sizes[name]
-    if "disk" in need and offload_folder is None:
-        if automatic:
-            allowed = "the free memory" if budget is None else "--max-memory (" + ", ".join(
-                f"{_device(k, 'max memory')} {_human(v)}" for k, v in budget.items()) + ")"
-            raise DeviceMapError(f"not enough memory: the weights need {_human(sum(sizes.values()))} and "
-                                 f"{_human(need['disk'])} of them do not fit in {allowed}; raise it, quantize, "
-                                 f"or pass --offload-folder")
-        raise DeviceMapError("the device map sends weights to disk: pass --offload-folder")
-    for key, allowed in (budget or {}).items():
-        device = _device(key, "max memory")
-        if need.get(device, 0) > allowed:
-            raise DeviceMapError(f"not enough memory: the device map puts {_human(need[device])} of weights on "
-                                 f"{device} but --max-memory allows {_human(allowed)} there")
-
-
-def _human(n: float) -> str:
-    unit = next(u for u in ("TiB", "GiB", "MiB", "KiB", "B") if n >= _UNITS[u.lower()] or u == "B")
-    return f"{n / _UNITS[unit.lower()]:.1f} {unit}" if unit != "B" else f"{n:.0f} B"
-
-
 class Placer:
     """Gives each parameter of a meta model its memory: allocated on its device, memory-mapped in a private
     directory of the offload folder (the OS pages it in from disk when it runs on the CPU), or, for a
     quantized weight, a full-precision staging buffer on its device that is quantized once it is filled."""
 
-    def __init__(self, model: JambaForCausalLM, devices: dict[str, str], dtype: torch.dtype,
+    def __init__(self, model: JambaForCausalLM, where: dict[str, str], dtype: torch.dtype,
                  quantized: set[str], offload_folder: str | os.PathLike | None):
-        self.model, self.devices, self.dtype, self.quantized = model, devices, dtype, quantized
+        self.model, self.where, self.dtype, self.quantized = model, where, dtype, quantized
         self.offload_dir = None
-        if "disk" in devices.values():
+        if "disk" in where.values():
             try:
                 Path(offload_folder).mkdir(parents=True, exist_ok=True)
                 self.offload_dir = Path(tempfile.mkdtemp(prefix="jamba-offload-", dir=offload_folder))
@@ -397,7 +240,7 @@ class Placer:
     def allocate(self) -> None:
         for name, p in list(self.model.named_parameters()):
             if name not in self.quantized:
-                device = self.devices[name]
+                device = self.where[name]
                 t = self._mapped(name, p.shape) if device == "disk" else \
                     torch.empty(p.shape, dtype=self.dtype, device=device)
                 _set_param(self.model, name, torch.nn.Parameter(t, requires_grad=False))
@@ -412,7 +255,7 @@ class Placer:
             return self.params[name].data[index]
         if name not in self.staged:
             shape = self.params[name].shape
-            self.staged[name] = [torch.empty(shape, dtype=self.dtype, device=self.devices[name]), shape.numel()]
+            self.staged[name] = [torch.empty(shape, dtype=self.dtype, device=self.where[name]), shape.numel()]
         return self.staged[name][0][index]
 
     def written(self, name: str, index: tuple, numel: int) -> None:
@@ -434,9 +277,12 @@ class Placer:
             shutil.rmtree(self.offload_dir, ignore_errors=True)
 
     def _locate(self, name: str, index: tuple) -> tuple[str, tuple]:
+        # expert e of a stacked parameter is its own linear once quantized (quant.QuantExperts)
         base, _, kind = name.rpartition(".")
-        if kind in ("gate_up_proj", "down_proj") and f"{base}.{kind[:-5]}.{index[0]}.weight" in self.quantized:
-            return f"{base}.{kind[:-5]}.{index[0]}.weight", index[1:]  # one linear per expert (quant.QuantExperts)
+        if kind in ("gate_up_proj", "down_proj") and index:
+            linear = f"{base}.{kind.removesuffix('_proj')}.{index[0]}.weight"
+            if linear in self.quantized:
+                return linear, index[1:]
         return name, index
 
     def _mapped(self, name: str, shape: torch.Size) -> torch.Tensor:
@@ -444,7 +290,10 @@ class Placer:
         try:
             with open(path, "wb") as f:
                 size = shape.numel() * self.dtype.itemsize
-                os.posix_fallocate(f.fileno(), 0, size) if hasattr(os, "posix_fallocate") else f.truncate(size)
+                if hasattr(os, "posix_fallocate"):  # reserve the blocks: a full disk fails here, not as SIGBUS later
+                    os.posix_fallocate(f.fileno(), 0, size)
+                else:
+                    f.truncate(size)
         except OSError as e:
             raise DeviceMapError(f"cannot offload {name} to {self.offload_dir.parent}: {e.strerror}") from None
         return torch.from_file(str(path), shared=True, size=shape.numel(), dtype=self.dtype).view(shape)
@@ -459,31 +308,31 @@ def place(model: JambaForCausalLM, *, dtype: torch.dtype | None = None, device=N
     """
     if device is not None and device_map is not None:
         raise DeviceMapError("pass either a device or a device map, not both")
-    budget = parse_max_memory(max_memory) if isinstance(max_memory, str) else \
-        _max_memory(max_memory) if max_memory else None
+    budget = devices.parse_max_memory(max_memory) if isinstance(max_memory, str) else \
+        devices.budget_bytes(max_memory) if max_memory else None
     if device_map is None:
         device_map = "auto" if budget else device or ("cuda" if torch.cuda.is_available() else "cpu")
     targets = quant.targets(model, quant_config) if quant_config else {}
     special = {w: quant.weight_dtype(quant_config) for ws in targets.values() for w in ws}
-    automatic = isinstance(device_map, str) and device_map in AUTO_MAPS
+    automatic = isinstance(device_map, str) and device_map in devices.AUTO_MAPS
     if automatic:
         dtype = dtype or default_dtype(model.config, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-        device_map = _auto_map(model, device_map, budget, dtype, special)
+        device_map = devices.automatic(model, device_map, budget, dtype, special)
     else:
-        device_map = _explicit_map(model, device_map)
+        device_map = devices.explicit(model, device_map)
         first = next((d for d in device_map.values() if d not in ("cpu", "disk")), "cpu")
         dtype = dtype or default_dtype(model.config, torch.device(first))
-    devices = _assign(model, device_map)
+    where = devices.assign(model, device_map)
     from accelerate.utils import dtype_byte_size
 
     sizes = {name: p.numel() * dtype_byte_size(special.get(name, dtype)) for name, p in model.named_parameters()}
-    _check_budget(sizes, devices, budget, offload_folder, automatic)
+    devices.check_budget(sizes, where, budget, offload_folder, automatic)
     quantized = set()
     if targets:
-        names = [m for m, ws in targets.items() if devices[ws[0]] != "disk"]  # disk keeps full precision
+        names = [m for m, ws in targets.items() if where[ws[0]] != "disk"]  # offloaded weights stay full precision
         quantized = quant.swap(model, names, quant_config, compute_dtype=dtype)
-        devices = _assign(model, device_map)
-    return Placer(model, devices, dtype, quantized, offload_folder)
+        where = devices.assign(model, device_map)
+    return Placer(model, where, dtype, quantized, offload_folder)
 
 
 def load_model(directory: Path, *, progress: Progress | None = None, **placement) -> JambaForCausalLM:

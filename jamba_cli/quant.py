@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .devices import human_bytes
 from .errors import ConfigError, DependencyError
 from .model import Experts, JambaForCausalLM
 
@@ -161,7 +162,7 @@ def _scale_bytes(module: nn.Module, p: torch.Tensor) -> int:
     quant_state = getattr(p, "quant_state", None)
     if quant_state is not None:  # nf4: block absmax, itself quantized, plus its own absmax and code books
         parts = [quant_state.absmax, quant_state.code, quant_state.offset]
-        if quant_state.state2 is not None:
+        if getattr(quant_state, "state2", None) is not None:  # gone once bnb repacks it for the CPU
             parts += [quant_state.state2.absmax, quant_state.state2.code]
         return sum(t.numel() * t.element_size() for t in parts if isinstance(t, torch.Tensor))
     scb = getattr(p, "SCB", None)
@@ -171,5 +172,5 @@ def _scale_bytes(module: nn.Module, p: torch.Tensor) -> int:
 
 
 def format_footprint(sizes: dict[str, int]) -> str:
-    """{'cuda:0': 2**31, 'cpu': 2**30} -> 'cuda:0 2.00 GiB, cpu 1.00 GiB'."""
-    return ", ".join(f"{where} {n / 2**30:.2f} GiB" for where, n in sizes.items())
+    """{'cuda:0': 2**31, 'cpu': 2**29} -> 'cuda:0 2.0 GiB, cpu 512.0 MiB'."""
+    return ", ".join(f"{where} {human_bytes(n)}" for where, n in sizes.items())

@@ -9,7 +9,8 @@ import torch
 from jamba_cli.cache import make_cache
 from jamba_cli.errors import DeviceMapError
 from jamba_cli.generation import generate_step
-from jamba_cli.loader import load, parse_max_memory
+from jamba_cli.devices import parse_max_memory
+from jamba_cli.loader import load
 from jamba_cli.quant import footprint
 
 IDS = torch.randint(3, 300, (2, 24), generator=torch.Generator().manual_seed(3))
