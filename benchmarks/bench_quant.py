@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from jamba_cli import quant  # noqa: E402
 from jamba_cli.cache import make_cache  # noqa: E402
 from jamba_cli.config import JambaConfig  # noqa: E402
+from jamba_cli.errors import JambaError  # noqa: E402
 from jamba_cli.loader import DTYPE_NAMES, place  # noqa: E402
 from jamba_cli.model import JambaForCausalLM  # noqa: E402
 
@@ -196,4 +197,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except JambaError as e:
+        sys.exit(f"bench_quant: {e}")

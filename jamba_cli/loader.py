@@ -1,9 +1,12 @@
 """Load a Jamba checkpoint (config.json + safetensors + tokenizer.json) from a directory or the HF cache.
 
-Pipeline: resolve the directory -> read config.json -> read every safetensors header and check the
-names and shapes against the model (nothing is allocated before the whole checkpoint checks out) ->
-build the model on the meta device -> allocate each parameter on its device -> read tensor bytes
-straight into it, shard by shard. Peak host memory stays near one copy of the weights.
+Pipeline: resolve the directory -> read config.json -> build the model on the meta device -> read every
+safetensors header and check the names and shapes against the model -> `place`: resolve the device map
+(devices.py) and swap the modules to quantize for bitsandbytes ones (quant.py), still on meta; nothing
+is allocated before all of this checks out -> allocate each parameter on its device (or memory-map it
+in the offload folder) -> read tensor bytes straight into it, shard by shard; a weight to quantize is
+read into a staging buffer on its device and quantized as soon as it is complete. Peak memory stays near
+the final footprint plus one tensor.
 """
 
 from __future__ import annotations

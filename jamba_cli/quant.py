@@ -46,20 +46,22 @@ def parse_skip(text: str) -> tuple[str, ...]:
 
 def require_bnb():
     """Import bitsandbytes, or raise a one-line DependencyError saying how to install it."""
-    if sys.modules.get("bitsandbytes") is not None:
-        return sys.modules["bitsandbytes"]
-    log = logging.getLogger("bitsandbytes")
-    level = log.level
-    log.setLevel(logging.ERROR)  # its CPU backend logs optional-kernel misses at import time
-    try:
-        import bitsandbytes
-    except ImportError:
-        raise DependencyError("8-bit and 4-bit loading need bitsandbytes: pip install 'jamba-cli[quant]'") from None
-    finally:
-        log.setLevel(level)
-    # LLM.int8 casts bf16/fp32 activations to fp16 by design, and says so on every call
-    logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
-    return bitsandbytes
+    bnb = sys.modules.get("bitsandbytes")
+    if bnb is None:
+        log = logging.getLogger("bitsandbytes")
+        level = log.level
+        log.setLevel(logging.ERROR)  # its CPU backend logs optional-kernel misses at import time
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise DependencyError("8-bit and 4-bit loading need bitsandbytes: pip install 'jamba-cli[quant]'") \
+                from None
+        finally:
+            log.setLevel(level)
+    chatty = logging.getLogger("bitsandbytes.autograd._functions")
+    if chatty.level < logging.ERROR:  # LLM.int8 casts bf16/fp32 activations to fp16 by design, and says so per call
+        chatty.setLevel(logging.ERROR)
+    return bnb
 
 
 def skipped(name: str, skip: tuple[str, ...]) -> bool:

@@ -132,11 +132,10 @@ def small(checkpoints):
 SHAKESPEARE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tinyshakespeare.txt"
 
 
-@pytest.fixture(scope="session")
-def fitted_lm(tmp_path_factory, tokenizer_dir) -> tuple[Path, torch.Tensor]:
-    """(checkpoint, held-out ids (4, 256)): a small random Jamba whose lm_head is fitted by ridge regression
-    on its own final hidden states to the bigram statistics of Shakespeare, so its perplexity means
-    something (about 70 against 320 for a uniform guess) without a training run. Experts stacked on disk."""
+def build_fitted_lm(directory: Path, tokenizer_dir: Path) -> torch.Tensor:
+    """Write a small random Jamba whose lm_head is fitted by ridge regression on its own final hidden states
+    to the bigram statistics of Shakespeare, so that its perplexity means something (about 100, against
+    320 for a uniform guess) without a training run; experts stacked on disk. Returns held-out ids (2, 256)."""
     from safetensors.torch import save_file
     from tokenizers import Tokenizer
 
@@ -146,7 +145,7 @@ def fitted_lm(tmp_path_factory, tokenizer_dir) -> tuple[Path, torch.Tensor]:
     text = SHAKESPEARE.read_text() if SHAKESPEARE.exists() else "\n".join(CORPUS * 400)
     tok = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
     train = torch.tensor(tok.encode(text[:8000]).ids)
-    held = torch.tensor(tok.encode(text[-8000:]).ids[:1024]).view(4, 256)
+    held = torch.tensor(tok.encode(text[-4000:]).ids[:512]).view(2, 256)
     cfg = JambaConfig(**{**BASE, "initializer_range": 0.05, "intermediate_size": 128}, num_hidden_layers=8,
                       attn_layer_period=4, attn_layer_offset=2, expert_layer_period=2, expert_layer_offset=1)
     torch.manual_seed(0)
@@ -166,9 +165,16 @@ def fitted_lm(tmp_path_factory, tokenizer_dir) -> tuple[Path, torch.Tensor]:
         head = torch.linalg.solve(h.T @ h + 1e-2 * torch.eye(h.shape[1]), h.T @ target).T
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     state["lm_head.weight"] = head.contiguous()
-    directory = tmp_path_factory.mktemp("fitted")
+    directory.mkdir(parents=True, exist_ok=True)
     save_file(state, str(directory / "model.safetensors"))
     (directory / "config.json").write_text(json.dumps(cfg.to_dict()))
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (directory / name).write_bytes((tokenizer_dir / name).read_bytes())
-    return directory, held
+    return held
+
+
+@pytest.fixture(scope="session")
+def fitted_lm(tmp_path_factory, tokenizer_dir) -> tuple[Path, torch.Tensor]:
+    """(checkpoint, held-out ids (2, 256)) of `build_fitted_lm`."""
+    directory = tmp_path_factory.mktemp("fitted")
+    return directory, build_fitted_lm(directory, tokenizer_dir)

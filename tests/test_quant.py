@@ -186,3 +186,20 @@ def test_bad_quantization_options(checkpoints, kwargs, message):
     with pytest.raises(ConfigError) as err:
         load(checkpoints["mini"][0], **kwargs)
     assert str(err.value) == message
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("split", [False, True])
+def test_quantized_on_gpu_and_split_with_cpu(fitted_lm, full_precision, bits, split):
+    directory, held = fitted_lm
+    device_map = {"": 0}
+    if split:  # the second half runs on the CPU, quantized there by bitsandbytes' CPU backend
+        device_map.update({f"model.layers.{i}": "cpu" for i in range(4, 8)})
+    model, _ = load(directory, dtype="bf16", device_map=device_map, load_in_8bit=bits == 8,
+                    load_in_4bit=bits == 4)
+    assert quantized_names(model) == expected_names(model.config)
+    assert model.model.layers[2].self_attn.q_proj.weight.device.type == "cuda"
+    assert model.model.layers[6].self_attn.q_proj.weight.device.type == ("cpu" if split else "cuda")
+    assert abs(perplexity(model, held.cuda()) / full_precision[1] - 1) < (0.02 if bits == 8 else 0.05)
