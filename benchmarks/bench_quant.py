@@ -33,6 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from jamba_cli import quant  # noqa: E402
 from jamba_cli.cache import make_cache  # noqa: E402
 from jamba_cli.config import JambaConfig  # noqa: E402
+from jamba_cli.devices import human_bytes  # noqa: E402
+from jamba_cli.generation import generate_step, on_single_gpu  # noqa: E402
 from jamba_cli.errors import JambaError  # noqa: E402
 from jamba_cli.loader import DTYPE_NAMES, place  # noqa: E402
 from jamba_cli.model import JambaForCausalLM  # noqa: E402
@@ -103,32 +105,41 @@ def run_mode(mode: str, config: JambaConfig, dtype: torch.dtype, args) -> tuple[
     prompt = torch.randint(3, config.vocab_size, (1, args.prompt_len), generator=torch.Generator().manual_seed(0))
     devices = model.layer_devices()
 
-    def generate(n_prompt: int, n_new: int) -> tuple[float, float, torch.Tensor]:
-        cache = make_cache(config, 1, dtype=model.dtype, device=devices, capacity=n_prompt + n_new)
+    def prefill(n: int) -> tuple[float, torch.Tensor]:
+        cache = make_cache(config, 1, dtype=model.dtype, device=devices, capacity=n)
         with torch.inference_mode():
             sync()
             t0 = time.perf_counter()
-            logits = model(prompt[:, :n_prompt].to(model.device), cache, last_only=True)
+            logits = model(prompt[:, :n].to(model.device), cache, last_only=True)
             sync()
-            t1 = time.perf_counter()
-            first = logits[0, -1].float().cpu()
-            for _ in range(n_new):
-                logits = model(logits[:, -1].argmax(-1, keepdim=True), cache)
-            sync()
-        return t1 - t0, time.perf_counter() - t1, first
+        return time.perf_counter() - t0, logits[0, -1].float().cpu()
 
-    generate(min(16, args.prompt_len), 2)  # warm-up: lazy initialisation in torch and bitsandbytes
-    prefill_s, decode_s, first_logits = generate(args.prompt_len, args.new_tokens)
+    def decode(n_prompt: int, n_new: int) -> float:
+        # as `jamba run` decodes: a CUDA graph on one GPU in bf16, eager when quantized or split
+        steps = generate_step(model, prompt[0, :n_prompt], max_tokens=n_new + 1)
+        next(steps)  # prefill and the first token
+        sync()
+        t0 = time.perf_counter()
+        for _ in steps:
+            pass
+        sync()
+        return time.perf_counter() - t0
+
+    prefill(min(16, args.prompt_len))  # warm-up: lazy initialisation in torch and bitsandbytes
+    decode(min(16, args.prompt_len), 2)
+    prefill_s, first_logits = prefill(args.prompt_len)
+    decode_s = decode(args.prompt_len, args.new_tokens)
     result = {
         "mode": mode,
         "load_s": round(load_s, 3),
         "weights_bytes": quant.footprint(model),
-        "weights": quant.format_footprint(quant.footprint(model)),
+        "weights": ", ".join(f"{where} {human_bytes(n)}" for where, n in quant.footprint(model).items()),
         "peak_allocated_during_load_bytes": peak_load,
         "peak_allocated_bytes": {f"cuda:{i}": torch.cuda.max_memory_allocated(i)
                                  for i in range(torch.cuda.device_count())},
         "host_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "layer_devices": sorted({str(d) for d in devices}),
+        "decode_cuda_graph": on_single_gpu(model) and not quant.is_quantized(model),
         "prefill_tokens": args.prompt_len,
         "prefill_tok_s": round(args.prompt_len / prefill_s, 2),
         "decode_tokens": args.new_tokens,

@@ -21,8 +21,9 @@ class CheckpointError(JambaError):
     """Weights or tokenizer files are missing, corrupt, or do not match the config."""
 
 
-class DeviceMapError(JambaError, ValueError):
-    """A device map, --max-memory or --offload-folder that cannot place the model."""
+class DeviceMapError(UsageError, ValueError):
+    """A device, device map or --max-memory that cannot place the model: unknown modules or devices, or too
+    little memory for the weights."""
 
 
 class DependencyError(JambaError):

@@ -27,7 +27,7 @@ import torch
 
 from . import devices, quant
 from .config import JambaConfig
-from .errors import CheckpointError, ConfigError, DeviceMapError
+from .errors import CheckpointError, ConfigError, DeviceMapError, JambaError
 from .model import JambaForCausalLM
 from .tokenizer import Tokenizer, load_tokenizer
 
@@ -237,7 +237,7 @@ class Placer:
                 Path(offload_folder).mkdir(parents=True, exist_ok=True)
                 self.offload_dir = Path(tempfile.mkdtemp(prefix="jamba-offload-", dir=offload_folder))
             except OSError as e:
-                raise DeviceMapError(f"cannot use offload folder {offload_folder}: {e.strerror}") from None
+                raise JambaError(f"cannot use offload folder {offload_folder}: {e.strerror}") from None
         self.staged: dict[str, list] = {}  # weight name -> [buffer, elements still to come]
 
     def allocate(self) -> None:
@@ -298,7 +298,7 @@ class Placer:
                 else:
                     f.truncate(size)
         except OSError as e:
-            raise DeviceMapError(f"cannot offload {name} to {self.offload_dir.parent}: {e.strerror}") from None
+            raise JambaError(f"cannot offload {name} to {self.offload_dir.parent}: {e.strerror}") from None
         return torch.from_file(str(path), shared=True, size=shape.numel(), dtype=self.dtype).view(shape)
 
 
@@ -333,7 +333,8 @@ def place(model: JambaForCausalLM, *, dtype: torch.dtype | None = None, device=N
     quantized = set()
     if targets:
         names = [m for m, ws in targets.items() if where[ws[0]] != "disk"]  # offloaded weights stay full precision
-        quantized = quant.swap(model, names, quant_config, compute_dtype=dtype)
+        with _no_init():
+            quantized = quant.swap(model, names, quant_config, compute_dtype=dtype)
         where = devices.assign(model, device_map)
     return Placer(model, where, dtype, quantized, offload_folder)
 

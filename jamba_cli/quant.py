@@ -5,7 +5,8 @@ bitsandbytes modules with `swap` (still on meta) and hands each weight to `quant
 its bytes are in, so the full-precision model never exists at once.
 
 Kept in full precision by default (`DEFAULT_SKIP`): every Mamba mixer, the MoE routers and lm_head.
-Always kept: `dt_proj` (the mixer reads its weight directly) and a tied lm_head (it is the embedding).
+Always kept: the mixer's `in_proj` and `dt_proj` (its forward multiplies by their weights directly) and a
+tied lm_head (it is the embedding).
 A skip entry matches a module when it equals whole components of its dotted name: "mamba" matches
 `model.layers.0.mamba.in_proj`, "layers.3" matches everything in the fourth layer.
 """
@@ -19,11 +20,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .devices import human_bytes
 from .errors import ConfigError, DependencyError
 from .model import Experts, JambaForCausalLM
 
 DEFAULT_SKIP = ("mamba", "router", "lm_head")
+DIRECT_WEIGHTS = ("mamba.in_proj", "mamba.dt_proj")  # read as tensors by MambaMixer, so never swapped
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,7 @@ def targets(model: JambaForCausalLM, qc: QuantConfig) -> dict[str, list[str]]:
     """Modules to quantize -> the names of their full-precision weights (for sizing and placement)."""
     out = {}
     for name, module in model.named_modules():
-        if skipped(name, qc.skip) or name.endswith("dt_proj"):
+        if skipped(name, qc.skip) or name.endswith(DIRECT_WEIGHTS):
             continue
         if name == "lm_head" and model.config.tie_word_embeddings:
             continue
@@ -117,7 +118,9 @@ def swap(model: JambaForCausalLM, names: list[str], qc: QuantConfig, compute_dty
 
 
 class QuantExperts(Experts):
-    """Experts with one quantized linear per expert and projection in place of the stacked parameters."""
+    """Experts with one quantized linear per expert and projection in place of the stacked parameters.
+
+    Always the per-expert loop: the fused CUDA paths of `Experts` read the stacked weights."""
 
     def __init__(self, experts: Experts, linear):
         nn.Module.__init__(self)  # not Experts.__init__: there are no stacked parameters to allocate
@@ -125,6 +128,9 @@ class QuantExperts(Experts):
         self.act = experts.act
         self.gate_up = nn.ModuleList(linear(h, two_i) for _ in range(x))  # rows [0:I] gate, [I:2I] up
         self.down = nn.ModuleList(linear(two_i // 2, h) for _ in range(x))
+
+    def forward(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return self.per_expert(x, idx, w)
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up[e](x).chunk(2, dim=-1)
@@ -144,6 +150,12 @@ def quantize(module: nn.Module, weight: torch.Tensor) -> None:
         param = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4", blocksize=64,
                                   compress_statistics=True, module=module).to(weight.device)
     module.weight = param
+
+
+def is_quantized(model: nn.Module) -> bool:
+    """Whether any module of `model` was swapped by `swap` (such a model cannot be captured in a CUDA graph:
+    the per-expert loop and LLM.int8's outlier columns depend on the data)."""
+    return any(isinstance(m, QuantExperts) or type(m).__module__.startswith("bitsandbytes") for m in model.modules())
 
 
 def footprint(model: nn.Module) -> dict[str, int]:
@@ -172,7 +184,3 @@ def _scale_bytes(module: nn.Module, p: torch.Tensor) -> int:
         scb = getattr(module.state, "SCB", None)  # int8: bitsandbytes moves the row scales on first use
     return 0 if scb is None else scb.numel() * scb.element_size()
 
-
-def format_footprint(sizes: dict[str, int]) -> str:
-    """{'cuda:0': 2**31, 'cpu': 2**29} -> 'cuda:0 2.0 GiB, cpu 512.0 MiB'."""
-    return ", ".join(f"{where} {human_bytes(n)}" for where, n in sizes.items())
