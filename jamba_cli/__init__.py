@@ -25,6 +25,8 @@ _LAZY = {
     "JambaError": ("errors", "JambaError"),
     "CheckpointError": ("errors", "CheckpointError"),
     "ConfigError": ("errors", "ConfigError"),
+    "DeviceMapError": ("errors", "DeviceMapError"),
+    "DependencyError": ("errors", "DependencyError"),
 }
 
 __all__ = ["__version__", *_LAZY]

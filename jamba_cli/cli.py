@@ -69,6 +69,7 @@ def _in_range(rule: str, ok):
 
 
 # Options shared by run and chat, declared once.
+INT8_SKIP = "mamba,router,lm_head"  # quant.DEFAULT_SKIP, spelled out: importing quant would import torch
 ModelOpt = Annotated[str | None, typer.Option("--model", "-m", envvar="JAMBA_MODEL", show_envvar=True,
                                               autocompletion=_complete_model,
                                               help="Checkpoint directory or Hub repo id (default: the bundled model)")]
@@ -76,9 +77,14 @@ RevisionOpt = Annotated[str | None, typer.Option(help="Branch, tag or commit of 
 YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="Download a missing model without asking.")]
 DTypeOpt = Annotated[DType, typer.Option(help="Weight dtype (auto: bf16 on GPU, fp32 on CPU when it fits).")]
 DeviceOpt = Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1, mps (default: cuda if available).")]
-DeviceMapOpt = Annotated[str | None, typer.Option(help="Split the model over devices (auto, balanced, ...).")]
+DeviceMapOpt = Annotated[str | None, typer.Option(help="Split the model over devices: auto, balanced, "
+                                                  "balanced_low_0, sequential, or a JSON file of module -> device.")]
+MaxMemOpt = Annotated[str | None, typer.Option(help="Memory per device for the map, e.g. 0=70GiB,1=80GiB,cpu=200GiB.")]
+OffloadOpt = Annotated[Path | None, typer.Option(help="Folder for weights that fit nowhere else (memory-mapped).")]
 Load8Opt = Annotated[bool, typer.Option("--load-in-8bit", help="Quantize weights to 8 bit (bitsandbytes).")]
 Load4Opt = Annotated[bool, typer.Option("--load-in-4bit", help="Quantize weights to 4 bit (bitsandbytes).")]
+SkipOpt = Annotated[str, typer.Option(help="Modules left unquantized (comma-separated name parts).")]
+ThresholdOpt = Annotated[float, typer.Option(min=0.0, help="LLM.int8 outlier threshold for 8-bit.")]
 CtxOpt = Annotated[int | None, typer.Option("--ctx-size", min=1, help="Most tokens the context may hold "
                                             "(default: the model's max_position_embeddings).")]
 MaxTokOpt = Annotated[int | None, typer.Option("--max-tokens", "-n", min=0, help="Most tokens to generate "
@@ -193,29 +199,30 @@ def _fetch(console, repo: str, revision: str | None, yes: bool) -> Path:
     return hub.download(repo, revision=revision, progress=sys.stderr.isatty())
 
 
-def load_model(console, spec, *, revision=None, yes=False, dtype=DType.auto, device=None, device_map=None,
-               load_in_8bit=False, load_in_4bit=False):
-    """Resolve and load a model, with a progress bar on a TTY. Returns (model, tokenizer, seconds, name)."""
-    import inspect
+def load_model(console, spec, *, revision=None, yes=False, dtype=DType.auto, device=None, stats=False, **placement):
+    """Resolve and load a model, with a progress bar on a TTY. Returns (model, tokenizer, seconds, name).
+
+    `placement`: the loader's device_map, max_memory, offload_folder and quantization options."""
     import time
 
-    if load_in_8bit and load_in_4bit:
+    if placement["load_in_8bit"] and placement["load_in_4bit"]:
         raise UsageError("--load-in-8bit and --load-in-4bit exclude each other")
     directory, name = _model_dir(console, spec, revision, yes)
     from .loader import load
     from .terminal import load_progress
 
-    extras = {k: v for k, v in dict(device_map=device_map, load_in_8bit=load_in_8bit,
-                                    load_in_4bit=load_in_4bit).items() if v}
-    accepted = inspect.signature(load).parameters
-    for key in extras:
-        if key not in accepted:
-            raise UsageError(f"--{key.replace('_', '-')} is not supported by this build's loader yet")
     start = time.perf_counter()
     with load_progress(console, f"Loading {name}") as progress:
         model, tokenizer = load(directory, dtype=None if dtype == DType.auto else dtype.value, device=device,
-                                progress=progress, **extras)
-    return model, tokenizer, time.perf_counter() - start, name
+                                progress=progress, **placement)
+    load_s = time.perf_counter() - start
+    if stats:
+        from .quant import footprint
+        from .terminal import format_bytes
+
+        where = ", ".join(f"{device} {format_bytes(n)}" for device, n in footprint(model).items())
+        console.print(f"weights {where}", style="dim", soft_wrap=True)
+    return model, tokenizer, load_s, name
 
 
 def _read_stdin() -> str:
@@ -267,7 +274,9 @@ def run(
     raw: Annotated[bool, typer.Option("--raw", help="Send the prompt as plain text, not through the chat "
                                       "template.")] = False,
     dtype: DTypeOpt = DType.auto, device: DeviceOpt = None, device_map: DeviceMapOpt = None,
-    load_in_8bit: Load8Opt = False, load_in_4bit: Load4Opt = False, ctx_size: CtxOpt = None,
+    max_memory: MaxMemOpt = None, offload_folder: OffloadOpt = None, load_in_8bit: Load8Opt = False,
+    load_in_4bit: Load4Opt = False, int8_skip: SkipOpt = INT8_SKIP, int8_threshold: ThresholdOpt = 6.0,
+    ctx_size: CtxOpt = None,
     prompt_cache: Annotated[Path | None, typer.Option("--prompt-cache", help="Reuse (and save) the model state "
                                                       "of a prompt that starts the same way.")] = None,
     format: Annotated[Format, typer.Option("--format", help="text, json (one object) or jsonl (an event per "
@@ -283,8 +292,10 @@ def run(
         system_text = read_system(system, system_file)
         if raw and system_text is not None:
             raise UsageError("--system needs the chat template; drop --raw")
-        loaded = load_model(console, model, revision=revision, yes=yes, dtype=dtype, device=device,
-                            device_map=device_map, load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit)
+        loaded = load_model(console, model, revision=revision, yes=yes, dtype=dtype, device=device, stats=stats,
+                            device_map=device_map, max_memory=max_memory, offload_folder=offload_folder,
+                            load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit, int8_skip=int8_skip,
+                            int8_threshold=int8_threshold)
         _generate(console, *loaded, text, system_text, raw=raw, format=format, stats=stats, ctx_size=ctx_size,
                   prompt_cache=prompt_cache, seed=seed,
                   options=dict(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
@@ -358,7 +369,9 @@ def chat(
     min_p: MinPOpt = None, repetition_penalty: PenaltyOpt = None, seed: SeedOpt = None, stop: StopOpt = None,
     ignore_eos: IgnoreEosOpt = False,
     dtype: DTypeOpt = DType.auto, device: DeviceOpt = None, device_map: DeviceMapOpt = None,
-    load_in_8bit: Load8Opt = False, load_in_4bit: Load4Opt = False, ctx_size: CtxOpt = None,
+    max_memory: MaxMemOpt = None, offload_folder: OffloadOpt = None, load_in_8bit: Load8Opt = False,
+    load_in_4bit: Load4Opt = False, int8_skip: SkipOpt = INT8_SKIP, int8_threshold: ThresholdOpt = 6.0,
+    ctx_size: CtxOpt = None,
     resume: Annotated[Path | None, typer.Option("--resume", help="Continue a conversation saved with /save.")] = None,
     no_history: Annotated[bool, typer.Option("--no-history", help="Do not read or write the input history "
                                              "file (also: JAMBA_NOHISTORY=1).")] = False,
@@ -373,8 +386,9 @@ def chat(
     with _reporting(console):
         system_text = read_system(system, system_file)
         model_, tokenizer, load_s, name = load_model(
-            console, model, revision=revision, yes=yes, dtype=dtype, device=device, device_map=device_map,
-            load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit)
+            console, model, revision=revision, yes=yes, dtype=dtype, device=device, stats=stats,
+            device_map=device_map, max_memory=max_memory, offload_folder=offload_folder, load_in_8bit=load_in_8bit,
+            load_in_4bit=load_in_4bit, int8_skip=int8_skip, int8_threshold=int8_threshold)
         from .chat import ChatSession, ChatSettings, repl
 
         settings = ChatSettings(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,

@@ -19,3 +19,12 @@ class ConfigError(JambaError, ValueError):
 
 class CheckpointError(JambaError):
     """Weights or tokenizer files are missing, corrupt, or do not match the config."""
+
+
+class DeviceMapError(UsageError, ValueError):
+    """A device, device map or --max-memory that cannot place the model: unknown modules or devices, or too
+    little memory for the weights."""
+
+
+class DependencyError(JambaError):
+    """An optional dependency that the requested feature needs is not installed."""

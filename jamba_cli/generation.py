@@ -15,6 +15,7 @@ import torch
 from .cache import HybridCache, make_cache
 from .errors import JambaError
 from .model import JambaForCausalLM
+from .quant import is_quantized
 from .sample import LogitsProcessor, Sampler, SamplingParams, make_sampler
 from .tokenizer import StreamingDetokenizer, Tokenizer
 
@@ -126,7 +127,7 @@ def generate_step(model: JambaForCausalLM, prompt: torch.Tensor, *, cache: Hybri
                                                         prompt], dim=1)
     logits = prefill(model, prompt, cache, chunk=prefill_chunk, attention_mask=attention_mask)
     step = None
-    if cuda_graph and single_gpu and cache.static and max_tokens > 1:
+    if cuda_graph and single_gpu and cache.static and max_tokens > 1 and not is_quantized(model):
         step = CUDAGraphDecoder(model, cache)
     logits = logits[:, -1]
     for i in range(max_tokens):

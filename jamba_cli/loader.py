@@ -1,9 +1,12 @@
 """Load a Jamba checkpoint (config.json + safetensors + tokenizer.json) from a directory or the HF cache.
 
-Pipeline: resolve the directory -> read config.json -> read every safetensors header and check the
-names and shapes against the model (nothing is allocated before the whole checkpoint checks out) ->
-build the model on the meta device -> allocate each parameter on its device -> read tensor bytes
-straight into it, shard by shard. Peak host memory stays near one copy of the weights.
+Pipeline: resolve the directory -> read config.json -> build the model on the meta device -> read every
+safetensors header and check the names and shapes against the model -> `place`: resolve the device map
+(devices.py) and swap the modules to quantize for bitsandbytes ones (quant.py), still on meta; nothing
+is allocated before all of this checks out -> allocate each parameter on its device (or memory-map it
+in the offload folder) -> read tensor bytes straight into it, shard by shard; a weight to quantize is
+read into a staging buffer on its device and quantized as soon as it is complete. Peak memory stays near
+the final footprint plus one tensor.
 """
 
 from __future__ import annotations
@@ -13,15 +16,18 @@ import ctypes
 import json
 import os
 import re
+import shutil
 import struct
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from . import devices, quant
 from .config import JambaConfig
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, DeviceMapError, JambaError
 from .model import JambaForCausalLM
 from .tokenizer import Tokenizer, load_tokenizer
 
@@ -156,45 +162,60 @@ def approx_params(c: JambaConfig) -> int:
     return per_layer + 2 * c.vocab_size * c.hidden_size
 
 
-def plan(model: JambaForCausalLM, entries: dict[str, TensorEntry]) -> list[tuple[str, TensorEntry, int | None]]:
-    """Map each checkpoint tensor to (parameter name, entry, slot): slot is the expert's row block of a
-    stacked parameter, None for a plain parameter. Raises on any missing, unexpected or misshapen tensor."""
-    params = dict(model.named_parameters(remove_duplicate=False))
-    shapes = {name: tuple(p.shape) for name, p in params.items()}
+@dataclass
+class Step:
+    name: str  # the parameter, named as in the unquantized model
+    entry: TensorEntry
+    index: tuple = ()  # where in the parameter the tensor goes: (expert, rows) for a stacked one
+
+
+def plan(model: JambaForCausalLM, entries: dict[str, TensorEntry]) -> list[Step]:
+    """Map each checkpoint tensor to the part of a parameter it fills; raises on any missing, unexpected or
+    misshapen tensor. Experts stacked on disk are split into one step per expert, like per-expert keys."""
+    shapes = {name: tuple(p.shape) for name, p in model.named_parameters(remove_duplicate=False)}
     tied = model.config.tie_word_embeddings
     covered: dict[str, set] = {}
     out = []
     for key in sorted(entries):
         entry = entries[key]
+        if key == "lm_head.weight" and tied:
+            continue  # a tied head is the embedding; a saved copy of it is redundant
         m = _EXPERT_KEY.match(key)
         if m:
             base, e, proj = m.group(1), int(m.group(2)), m.group(3)
-            target = f"{base}.{'down_proj' if proj == 'down_proj' else 'gate_up_proj'}"
-            if target not in shapes or e >= shapes[target][0]:
+            name = f"{base}.{'down_proj' if proj == 'down_proj' else 'gate_up_proj'}"
+            if name not in shapes or e >= shapes[name][0]:
                 raise CheckpointError(f"unexpected tensor {key} in {entry.file.name}")
-            full = shapes[target]
-            want = (full[1] // 2, full[2]) if proj != "down_proj" else full[1:]
-            part = {"gate_proj": 0, "up_proj": 1, "down_proj": 0}[proj]
+            _, rows, cols = shapes[name]
+            part = int(proj == "up_proj")
+            if proj == "down_proj":
+                want, index = (rows, cols), (e,)
+            else:
+                half = rows // 2
+                want, index = (half, cols), (e, slice(part * half, (part + 1) * half))
             _check_shape(key, entry, want)
-            covered.setdefault(target, set()).add((e, part))
-            out.append((target, entry, e * (2 if proj != "down_proj" else 1) + part))
+            covered.setdefault(name, set()).add((e, part))
+            out.append(Step(name, entry, index))
             continue
-        if key == "lm_head.weight" and tied:
-            continue  # a tied head is the embedding; a saved copy of it is redundant
         if key not in shapes:
             raise CheckpointError(f"unexpected tensor {key} in {entry.file.name}")
         _check_shape(key, entry, shapes[key])
-        covered.setdefault(key, set()).add(None)
-        out.append((key, entry, None))
+        if key.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            per_expert = (entry.end - entry.begin) // entry.shape[0]
+            for e in range(entry.shape[0]):
+                begin = entry.begin + e * per_expert
+                out.append(Step(key, TensorEntry(entry.file, entry.dtype, entry.shape[1:], begin, begin + per_expert),
+                                (e,)))
+                covered.setdefault(key, set()).update((e, p) for p in (0, 1))
+        else:
+            covered.setdefault(key, set()).add(None)
+            out.append(Step(key, entry))
     for name, shape in shapes.items():
         if tied and name == "lm_head.weight":
             continue
         if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
             want = {(e, p) for e in range(shape[0]) for p in ((0, 1) if name.endswith("gate_up_proj") else (0,))}
-            got = covered.get(name, set())
-            if None in got:
-                continue
-            lacking = sorted(want - got)
+            lacking = sorted(want - covered.get(name, set()))
             if lacking:
                 e, p = lacking[0]
                 proj = "down_proj" if name.endswith("down_proj") else ("gate_proj", "up_proj")[p]
@@ -210,11 +231,125 @@ def _check_shape(key: str, entry: TensorEntry, want: tuple[int, ...]) -> None:
                               f"config expects {list(want)}")
 
 
-def load_model(directory: Path, *, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
-               progress: Progress | None = None) -> JambaForCausalLM:
+class Placer:
+    """Gives each parameter of a meta model its memory: allocated on its device, memory-mapped in a private
+    directory of the offload folder (the OS pages it in from disk when it runs on the CPU), or, for a
+    quantized weight, a full-precision staging buffer on its device that is quantized once it is filled."""
+
+    def __init__(self, model: JambaForCausalLM, where: dict[str, str], dtype: torch.dtype,
+                 quantized: set[str], offload_folder: str | os.PathLike | None):
+        self.model, self.where, self.dtype, self.quantized = model, where, dtype, quantized
+        self.offload_dir = None
+        if "disk" in where.values():
+            try:
+                Path(offload_folder).mkdir(parents=True, exist_ok=True)
+                self.offload_dir = Path(tempfile.mkdtemp(prefix="jamba-offload-", dir=offload_folder))
+            except OSError as e:
+                raise JambaError(f"cannot use offload folder {offload_folder}: {e.strerror}") from None
+        self.staged: dict[str, list] = {}  # weight name -> [buffer, elements still to come]
+
+    def allocate(self) -> None:
+        for name, p in list(self.model.named_parameters()):
+            if name not in self.quantized:
+                device = self.where[name]
+                t = self._mapped(name, p.shape) if device == "disk" else \
+                    torch.empty(p.shape, dtype=self.dtype, device=device)
+                _set_param(self.model, name, torch.nn.Parameter(t, requires_grad=False))
+        if self.model.config.tie_word_embeddings:
+            self.model.lm_head.weight = self.model.model.embed_tokens.weight
+        self.params = dict(self.model.named_parameters())
+
+    def target(self, name: str, index: tuple = ()) -> torch.Tensor:
+        """The tensor to write the part `index` of parameter `name` (unquantized naming) into."""
+        name, index = self._locate(name, index)
+        if name not in self.quantized:
+            return self.params[name].data[index]
+        if name not in self.staged:
+            shape = self.params[name].shape
+            self.staged[name] = [torch.empty(shape, dtype=self.dtype, device=self.where[name]), shape.numel()]
+        return self.staged[name][0][index]
+
+    def written(self, name: str, index: tuple, numel: int) -> None:
+        """Note that `numel` elements of `name` were written; a completed quantized weight is quantized."""
+        name, _ = self._locate(name, index)
+        if name in self.staged:
+            self.staged[name][1] -= numel
+            if self.staged[name][1] == 0:
+                quant.quantize(self.model.get_submodule(name.rpartition(".")[0]), self.staged.pop(name)[0])
+
+    def finish(self) -> JambaForCausalLM:
+        self.close()
+        self.model.eval()
+        return self.model
+
+    def close(self) -> None:
+        # the mapped files stay usable after unlinking; their space is freed when the process exits
+        if self.offload_dir is not None:
+            shutil.rmtree(self.offload_dir, ignore_errors=True)
+
+    def _locate(self, name: str, index: tuple) -> tuple[str, tuple]:
+        # expert e of a stacked parameter is its own linear once quantized (quant.QuantExperts)
+        base, _, kind = name.rpartition(".")
+        if kind in ("gate_up_proj", "down_proj") and index:
+            linear = f"{base}.{kind.removesuffix('_proj')}.{index[0]}.weight"
+            if linear in self.quantized:
+                return linear, index[1:]
+        return name, index
+
+    def _mapped(self, name: str, shape: torch.Size) -> torch.Tensor:
+        path = self.offload_dir / f"{name}.bin"
+        try:
+            with open(path, "wb") as f:
+                size = shape.numel() * self.dtype.itemsize
+                if hasattr(os, "posix_fallocate"):  # reserve the blocks: a full disk fails here, not as SIGBUS later
+                    os.posix_fallocate(f.fileno(), 0, size)
+                else:
+                    f.truncate(size)
+        except OSError as e:
+            raise JambaError(f"cannot offload {name} to {self.offload_dir.parent}: {e.strerror}") from None
+        return torch.from_file(str(path), shared=True, size=shape.numel(), dtype=self.dtype).view(shape)
+
+
+def place(model: JambaForCausalLM, *, dtype: torch.dtype | None = None, device=None, device_map=None,
+          max_memory: dict | str | None = None, offload_folder: str | os.PathLike | None = None,
+          quant_config: quant.QuantConfig | None = None) -> Placer:
+    """Decide where each parameter of a meta-device model goes and swap in quantized modules (on meta).
+
+    Nothing is allocated: call `allocate()` on the result, then write each weight through `target`/`written`.
+    """
+    if device is not None and device_map is not None:
+        raise DeviceMapError("pass either a device or a device map, not both")
+    budget = devices.parse_max_memory(max_memory) if isinstance(max_memory, str) else \
+        devices.budget_bytes(max_memory) if max_memory else None
+    if device_map is None:
+        device_map = "auto" if budget else device or ("cuda" if torch.cuda.is_available() else "cpu")
+    targets = quant.targets(model, quant_config) if quant_config else {}
+    special = {w: quant.weight_dtype(quant_config) for ws in targets.values() for w in ws}
+    automatic = isinstance(device_map, str) and device_map in devices.AUTO_MAPS
+    if automatic:
+        dtype = dtype or default_dtype(model.config, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+        device_map = devices.automatic(model, device_map, budget, dtype, special)
+    else:
+        device_map = devices.explicit(model, device_map)
+        first = next((d for d in device_map.values() if d not in ("cpu", "disk")), "cpu")
+        dtype = dtype or default_dtype(model.config, torch.device(first))
+    where = devices.assign(model, device_map)
+    from accelerate.utils import dtype_byte_size
+
+    sizes = {name: p.numel() * dtype_byte_size(special.get(name, dtype)) for name, p in model.named_parameters()}
+    devices.check_budget(sizes, where, budget, offload_folder, automatic)
+    quantized = set()
+    if targets:
+        names = [m for m, ws in targets.items() if where[ws[0]] != "disk"]  # offloaded weights stay full precision
+        with _no_init():
+            quantized = quant.swap(model, names, quant_config, compute_dtype=dtype)
+        where = devices.assign(model, device_map)
+    return Placer(model, where, dtype, quantized, offload_folder)
+
+
+def load_model(directory: Path, *, progress: Progress | None = None, **placement) -> JambaForCausalLM:
+    """The model in `directory`, placed as `place(**placement)` decides, its weights streamed shard by shard."""
     config = JambaConfig.from_file(directory / "config.json")
-    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = dtype or default_dtype(config, device)
     entries: dict[str, TensorEntry] = {}
     for f in weight_files(directory):
         for key, entry in read_header(f).items():
@@ -224,35 +359,27 @@ def load_model(directory: Path, *, dtype: torch.dtype | None = None, device: tor
     with torch.device("meta"), _no_init():
         model = JambaForCausalLM(config)
     steps = plan(model, entries)  # raises before any memory is spent
-
-    params = dict(model.named_parameters())
-    for name, p in params.items():
-        new = torch.empty(p.shape, dtype=dtype, device=device)
-        _set_param(model, name, torch.nn.Parameter(new, requires_grad=False))
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    params = dict(model.named_parameters())
-
-    total = sum(e.end - e.begin for _, e, _ in steps)
-    done = 0
-    by_file: dict[Path, list] = {}
-    for step in steps:
-        by_file.setdefault(step[1].file, []).append(step)
-    for path, file_steps in by_file.items():
-        with open(path, "rb", buffering=0) as f:
-            for name, entry, slot in sorted(file_steps, key=lambda s: s[1].begin):
-                dest = params[name].data
-                if slot is not None:
-                    rows = entry.shape[0]
-                    dest = dest[slot // 2] if name.endswith("gate_up_proj") else dest[slot]
-                    if name.endswith("gate_up_proj"):
-                        dest = dest[(slot % 2) * rows:(slot % 2 + 1) * rows]
-                _read_into(f, entry, dest)
-                done += entry.end - entry.begin
-                if progress:
-                    progress(done, total)
-    model.eval()
-    return model
+    placer = place(model, **placement)
+    try:
+        placer.allocate()
+        total = sum(s.entry.end - s.entry.begin for s in steps)
+        done = 0
+        by_file: dict[Path, list[Step]] = {}
+        for step in steps:
+            by_file.setdefault(step.entry.file, []).append(step)
+        for path, file_steps in by_file.items():
+            with open(path, "rb", buffering=0) as f:
+                for step in sorted(file_steps, key=lambda s: s.entry.begin):
+                    dest = placer.target(step.name, step.index)
+                    _read_into(f, step.entry, dest)
+                    placer.written(step.name, step.index, dest.numel())
+                    done += step.entry.end - step.entry.begin
+                    if progress:
+                        progress(done, total)
+    except BaseException:
+        placer.close()
+        raise
+    return placer.finish()
 
 
 @contextlib.contextmanager
@@ -295,26 +422,47 @@ def _set_param(model: torch.nn.Module, name: str, value: torch.nn.Parameter) -> 
 
 def load(path_or_repo: str | os.PathLike | None = None, *, dtype: torch.dtype | str | None = None,
          device: torch.device | str | None = None, revision: str | None = None,
-         progress: Progress | None = None) -> tuple[JambaForCausalLM, Tokenizer]:
+         progress: Progress | None = None, device_map: str | dict | os.PathLike | None = None,
+         max_memory: dict | str | None = None, offload_folder: str | os.PathLike | None = None,
+         load_in_8bit: bool = False, load_in_4bit: bool = False, int8_skip: tuple[str, ...] | str = quant.DEFAULT_SKIP,
+         int8_threshold: float = 6.0) -> tuple[JambaForCausalLM, Tokenizer]:
     """Load a Jamba model and its tokenizer.
 
     Args:
         path_or_repo: a checkpoint directory, or a Hub repo id already in the local HF cache;
             None for the bundled model (`bundled_model_dir()`).
         dtype: torch dtype or one of bf16/fp16/fp32; default bf16 on GPU, fp32 on CPU when it fits.
-        device: where the weights go; default cuda when available, else cpu.
+        device: where the weights go; default cuda when available, else cpu. Or give a device_map:
+        device_map: "auto"/"balanced" (spread evenly over the GPUs, then CPU, then disk), "balanced_low_0"
+            (spare GPU 0), "sequential" (fill GPU 0 first), a device ("cpu", "cuda:1"), a dict of module name
+            -> device (GPU index, "cuda:N", "cpu", "disk") or the path of a JSON file holding one.
+            Modules on "cpu" or "disk" run on the CPU; each layer's cache lives on its layer's device.
+        max_memory: per-device budget for the automatic maps, {0: "70GiB", "cpu": "200GiB"} or the string
+            "0=70GiB,cpu=200GiB"; implies device_map="auto" when no map is given.
+        offload_folder: where "disk" weights are kept (memory-mapped, in full precision).
+        load_in_8bit / load_in_4bit: bitsandbytes LLM.int8 / nf4 weights for the linear layers and experts,
+            quantized as they stream in; `int8_skip` names the modules kept in full precision (Mamba mixers,
+            routers and lm_head by default); `int8_threshold` is LLM.int8's outlier threshold.
         progress: called with (bytes loaded, total bytes) as the weights stream in.
 
     Returns:
-        (model, tokenizer). Raises CheckpointError / ConfigError with a one-line message.
+        (model, tokenizer). Raises a JambaError subclass with a one-line message.
     """
     if isinstance(dtype, str):
         if dtype.lower() not in DTYPE_NAMES:
             raise ConfigError(f"unknown dtype {dtype!r}; use bf16, fp16 or fp32")
         dtype = DTYPE_NAMES[dtype.lower()]
+    if load_in_8bit and load_in_4bit:
+        raise ConfigError("choose one of 8-bit and 4-bit loading")
+    quant_config = None
+    if load_in_8bit or load_in_4bit:
+        quant.require_bnb()
+        skip = quant.parse_skip(int8_skip) if isinstance(int8_skip, str) else tuple(int8_skip)
+        quant_config = quant.QuantConfig(8 if load_in_8bit else 4, skip, int8_threshold)
     directory = bundled_model_dir() if path_or_repo is None else resolve(path_or_repo, revision)
     if not (directory / "config.json").exists():
         raise CheckpointError(f"no config.json in {directory}")
     tokenizer = load_tokenizer(directory)
-    model = load_model(directory, dtype=dtype, device=device, progress=progress)
+    model = load_model(directory, dtype=dtype, device=device, device_map=device_map, max_memory=max_memory,
+                       offload_folder=offload_folder, quant_config=quant_config, progress=progress)
     return model, tokenizer

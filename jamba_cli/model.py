@@ -3,7 +3,7 @@
 Module names equal the checkpoint keys (`model.layers.3.mamba.in_proj.weight`, ...), except that the
 experts of an MoE layer are stacked as transformers v5 keeps them in memory
 (`feed_forward.experts.gate_up_proj` (X, 2I, H), `feed_forward.experts.down_proj` (X, H, I));
-`load.py` stacks the per-expert tensors found on disk. Numerics follow transformers'
+`loader.py` stacks the per-expert tensors found on disk. Numerics follow transformers'
 JambaForCausalLM on its mamba-ssm kernel path.
 
 Glossary:
@@ -196,13 +196,21 @@ class Experts(nn.Module):
                 return ops.triton.moe_decode(x, self.gate_up_proj, self.down_proj, idx, w)
             if x.dtype == torch.bfloat16:  # the grouped GEMM kernel is bf16-only
                 return self._grouped(x, idx, w)
+        return self.per_expert(x, idx, w)
+
+    def per_expert(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """Each expert on the tokens routed to it, one expert after the other (a host sync per call)."""
         out = torch.zeros_like(x)
         for e in idx.unique().tolist():
             tok, slot = torch.where(idx == e)
-            gate, up = F.linear(x[tok], self.gate_up_proj[e]).chunk(2, dim=-1)
-            y = F.linear(self.act(gate) * up, self.down_proj[e])
+            y = self.expert(e, x[tok])
             out.index_add_(0, tok, (y * w[tok, slot, None]).to(x.dtype))
         return out
+
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        # (T, H) -> (T, H); quant.QuantExperts overrides this with one quantized linear per projection
+        gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)  # (T, I) each
+        return F.linear(self.act(gate) * up, self.down_proj[e])
 
     def _grouped(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """All experts in two grouped GEMMs over the (token, slot) pairs sorted by expert."""
@@ -298,6 +306,8 @@ class JambaForCausalLM(nn.Module):
         `attention_mask` (B, T) marks real tokens with 1 and padding with 0; pad on the left.
         """
         t = input_ids.shape[1]
+        caller_device = input_ids.device
+        input_ids = _on(input_ids, self.device)  # the logits go back to where the ids came from
         offset = cache.offset if cache is not None else 0
         pad_mask = None
         if attention_mask is not None and not bool(attention_mask.all()):
@@ -320,10 +330,10 @@ class JambaForCausalLM(nn.Module):
             cache.offset += t
             if pos is not None:
                 pos.add_(t)  # on the device, so a replayed CUDA graph advances it too
-        h = self.model.final_layernorm(h)
+        h = self.model.final_layernorm(_on(h, self.model.final_layernorm.weight.device))
         if last_only:
             h = h[:, -1:]
-        return self.lm_head(h.to(self.lm_head.weight.device))
+        return _on(self.lm_head(_on(h, self.lm_head.weight.device)), caller_device)
 
 
 def _attention_mask(t: int, offset: int, key_mask: torch.Tensor | None, device) -> torch.Tensor | None:

@@ -127,3 +127,54 @@ def small(checkpoints):
     from jamba_cli.loader import load
 
     return load(checkpoints["top1"][0], dtype="fp32", device="cpu")
+
+
+SHAKESPEARE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tinyshakespeare.txt"
+
+
+def build_fitted_lm(directory: Path, tokenizer_dir: Path) -> torch.Tensor:
+    """Write a small random Jamba whose lm_head is fitted by ridge regression on its own final hidden states
+    to the bigram statistics of Shakespeare, so that its perplexity means something (about 100, against
+    320 for a uniform guess) without a training run; experts stacked on disk. Returns held-out ids (2, 256)."""
+    from safetensors.torch import save_file
+    from tokenizers import Tokenizer
+
+    from jamba_cli.config import JambaConfig
+    from jamba_cli.model import JambaForCausalLM
+
+    text = SHAKESPEARE.read_text() if SHAKESPEARE.exists() else "\n".join(CORPUS * 400)
+    tok = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+    train = torch.tensor(tok.encode(text[:8000]).ids)
+    held = torch.tensor(tok.encode(text[-4000:]).ids[:512]).view(2, 256)
+    cfg = JambaConfig(**{**BASE, "initializer_range": 0.05, "intermediate_size": 128}, num_hidden_layers=8,
+                      attn_layer_period=4, attn_layer_offset=2, expert_layer_period=2, expert_layer_offset=1)
+    torch.manual_seed(0)
+    model = JambaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2 and "conv1d" not in name:
+                p.normal_(0, cfg.initializer_range)
+        hidden = []
+        model.lm_head.register_forward_hook(lambda m, args, out: hidden.append(args[0].flatten(0, 1)))
+        x = train[:len(train) // 256 * 256].view(-1, 256)
+        model(x)
+        counts = torch.full((VOCAB, VOCAB), 0.1).index_put_((train[:-1], train[1:]), torch.ones(len(train) - 1),
+                                                          accumulate=True)
+        target = (counts / counts.sum(1, keepdim=True)).log()[x.flatten()]  # log p(next | this token)
+        h = hidden[0]
+        head = torch.linalg.solve(h.T @ h + 1e-2 * torch.eye(h.shape[1]), h.T @ target).T
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    state["lm_head.weight"] = head.contiguous()
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(directory / "model.safetensors"))
+    (directory / "config.json").write_text(json.dumps(cfg.to_dict()))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (directory / name).write_bytes((tokenizer_dir / name).read_bytes())
+    return held
+
+
+@pytest.fixture(scope="session")
+def fitted_lm(tmp_path_factory, tokenizer_dir) -> tuple[Path, torch.Tensor]:
+    """(checkpoint, held-out ids (2, 256)) of `build_fitted_lm`."""
+    directory = tmp_path_factory.mktemp("fitted")
+    return directory, build_fitted_lm(directory, tokenizer_dir)

@@ -154,33 +154,35 @@ def test_runtime_errors_are_one_line_exit_1(jamba, tmp_path, checkpoints, monkey
     assert r.exit_code == 1 and "tokenizer.json" in r.stderr and r.stderr.count("\n") == 1
 
 
-def test_unexpected_errors_show_a_traceback_only_with_jamba_debug(jamba):
-    r = jamba("run", "--device", "nonsense", "hi")
-    assert r.exit_code == 1 and r.stderr.startswith("error: RuntimeError: ") and r.stderr.count("\n") == 1
-    assert "JAMBA_DEBUG=1 shows the traceback" in r.stderr
-    r = jamba("run", "--device", "nonsense", "hi", env={"JAMBA_DEBUG": "1"})
+def test_unexpected_errors_show_a_traceback_only_with_jamba_debug(jamba, monkeypatch):
+    def broken_loader(*args, **kwargs):
+        raise RuntimeError("something no check foresaw\nsecond line")
+
+    monkeypatch.setattr("jamba_cli.loader.load", broken_loader)
+    r = jamba("run", "hi")
+    assert r.exit_code == 1 and r.stderr.startswith("error: RuntimeError: something no check foresaw (")
+    assert "JAMBA_DEBUG=1 shows the traceback" in r.stderr and r.stderr.count("\n") == 1
+    r = jamba("run", "hi", env={"JAMBA_DEBUG": "1"})
     assert isinstance(r.exception, RuntimeError)
 
 
-def test_loader_options_pass_through_or_fail_clearly(jamba):
-    import inspect
-
-    from jamba_cli.loader import load
-
-    accepted = inspect.signature(load).parameters
-    for flag, key in (("--device-map", "device_map"), ("--load-in-8bit", "load_in_8bit")):
-        args = [flag, "cpu"] if flag == "--device-map" else [flag]
-        r = jamba("run", "-n", 2, *args, "hi")
-        if key not in accepted:
-            assert r.exit_code == 2 and f"{flag} is not supported by this build's loader yet" in r.stderr
-        else:
-            assert r.exit_code in (0, 1) and "not supported by this build" not in r.stderr
+def test_placement_and_quantization_options_reach_the_loader(jamba, tmp_path):
+    r = jamba("run", "-n", 2, "--ignore-eos", "--device-map", "auto", "--max-memory", "cpu=300KB",
+              "--offload-folder", tmp_path, "--load-in-8bit", "--int8-skip", "lm_head", "--int8-threshold", 4,
+              "--stats", "hi")
+    assert r.exit_code == 0, r.output
+    assert re.match(r"weights cpu [\d.]+ [KM]B, disk [\d.]+ [KM]B\n", r.stderr)
+    for args, message in ((["--device-map", "cuda:7"], "error: --device-map: there is no cuda:7"),
+                          (["--max-memory", "cpu=1KB"], "error: not enough memory: the weights need"),
+                          (["--int8-threshold", -1, "--load-in-8bit"], "Invalid value for '--int8-threshold'")):
+        r = jamba("run", *args, "hi")
+        assert r.exit_code == 2 and message in r.stderr, r.stderr
 
 
 def test_dtype_and_device_reach_the_loader(jamba):
     r = jamba("run", "-n", 3, "--ignore-eos", "--dtype", "bf16", "--device", "cpu", "--format", "json", "hi")
     assert r.exit_code == 0 and json.loads(r.stdout)["usage"]["completion_tokens"] == 3
-    assert jamba("run", "--device", "nonsense", "hi").exit_code == 1
+    assert jamba("run", "--device", "nonsense", "hi").exit_code == 2
 
 
 def test_stats_and_colour(jamba):

@@ -1,0 +1,214 @@
+"""Memory, load time and speed of a Jamba-shaped model in bf16, 8-bit and 4-bit, from random weights.
+
+No checkpoint is read: the model is built on the meta device, placed by the loader's own `place()` (device
+map, max memory, quantized modules), and each parameter is filled with seeded random numbers and, for the
+quantized ones, quantized at once, so peak memory stays near the final footprint plus one weight.
+Parameters get the same values in every mode and placement (each has its own seed), so the logits of
+the modes can be compared: `max_abs_logit_diff_vs_first` is against the first mode of the run.
+
+    python benchmarks/bench_quant.py benchmarks/results/quant_h200.json --shape mini
+    python benchmarks/bench_quant.py out.json --shape large --layers 8 --modes 8bit,4bit
+    python benchmarks/bench_quant.py out.json --shape mini --device-map auto --max-memory 0=60GiB,cpu=100GiB
+    python benchmarks/bench_quant.py /tmp/smoke.json --shape tiny --new-tokens 4      # CPU smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import math
+import platform
+import resource
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from jamba_cli import quant  # noqa: E402
+from jamba_cli.cache import make_cache  # noqa: E402
+from jamba_cli.config import JambaConfig  # noqa: E402
+from jamba_cli.devices import human_bytes  # noqa: E402
+from jamba_cli.generation import generate_step, on_single_gpu  # noqa: E402
+from jamba_cli.errors import JambaError  # noqa: E402
+from jamba_cli.loader import DTYPE_NAMES, place  # noqa: E402
+from jamba_cli.model import JambaForCausalLM  # noqa: E402
+
+SHAPES = {
+    "mini": {},  # JambaConfig's defaults are Jamba-Mini (v0.1 / 1.5 / 1.6 / 1.7): 52B total, 12B active
+    "large": dict(hidden_size=8192, num_hidden_layers=72, num_attention_heads=64, num_key_value_heads=8,
+                  intermediate_size=24576, mamba_dt_rank=512),
+    "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=8, num_attention_heads=4,
+                 num_key_value_heads=2, num_experts=4),
+}
+MODES = {"bf16": None, "8bit": 8, "4bit": 4}
+CHUNK = 1 << 26  # elements generated at a time (128 MiB in bf16)
+
+
+def fill(name: str, t: torch.Tensor, config: JambaConfig, gen_device: torch.device) -> None:
+    """Seeded random values for one parameter, generated on `gen_device` whatever device `t` is on."""
+    with torch.no_grad():
+        if "norm" in name or name.endswith(".D"):
+            t.fill_(1.0)
+        elif name.endswith("A_log"):
+            t.copy_(torch.log(torch.arange(1, config.mamba_d_state + 1, dtype=torch.float32)).expand(t.shape))
+        elif name.endswith("dt_proj.bias"):
+            t.fill_(math.log(math.expm1(0.01)))  # softplus -> dt = 0.01
+        elif name.endswith("bias"):
+            t.zero_()
+        else:
+            std = 0.2 if "conv1d" in name else 0.02
+            g = torch.Generator(gen_device).manual_seed(zlib.crc32(name.encode()))
+            flat = t.view(-1)
+            for start in range(0, flat.numel(), CHUNK):
+                part = flat[start:start + CHUNK]
+                part.copy_(torch.empty(part.shape, dtype=torch.float32, device=gen_device).normal_(0, std, generator=g))
+
+
+def build(config: JambaConfig, dtype: torch.dtype, bits: int | None, args) -> JambaForCausalLM:
+    with torch.device("meta"):
+        model = JambaForCausalLM(config)
+    qc = quant.QuantConfig(bits, quant.parse_skip(args.int8_skip), args.int8_threshold) if bits else None
+    device = None if args.device_map or args.max_memory else args.device
+    placer = place(model, dtype=dtype, device=device, device_map=args.device_map, max_memory=args.max_memory,
+                   offload_folder=args.offload_folder, quant_config=qc)
+    names = [name for name, _ in model.named_parameters()]
+    placer.allocate()
+    gen_device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    for name in names:  # one at a time: a quantized weight is quantized as soon as it is filled
+        t = placer.target(name)
+        fill(name, t, config, gen_device)
+        placer.written(name, (), t.numel())
+    return placer.finish()
+
+
+def sync() -> None:
+    for i in range(torch.cuda.device_count()):
+        torch.cuda.synchronize(i)
+
+
+def run_mode(mode: str, config: JambaConfig, dtype: torch.dtype, args) -> tuple[dict, torch.Tensor]:
+    gc.collect()
+    for i in range(torch.cuda.device_count()):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(i)
+    t0 = time.perf_counter()
+    model = build(config, dtype, MODES[mode], args)
+    sync()
+    load_s = time.perf_counter() - t0
+    peak_load = {f"cuda:{i}": torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count())}
+    prompt = torch.randint(3, config.vocab_size, (1, args.prompt_len), generator=torch.Generator().manual_seed(0))
+    devices = model.layer_devices()
+
+    def prefill(n: int) -> tuple[float, torch.Tensor]:
+        cache = make_cache(config, 1, dtype=model.dtype, device=devices, capacity=n)
+        with torch.inference_mode():
+            sync()
+            t0 = time.perf_counter()
+            logits = model(prompt[:, :n].to(model.device), cache, last_only=True)
+            sync()
+        return time.perf_counter() - t0, logits[0, -1].float().cpu()
+
+    def decode(n_prompt: int, n_new: int) -> float:
+        # as `jamba run` decodes: a CUDA graph on one GPU in bf16, eager when quantized or split
+        steps = generate_step(model, prompt[0, :n_prompt], max_tokens=n_new + 1)
+        next(steps)  # prefill and the first token
+        sync()
+        t0 = time.perf_counter()
+        for _ in steps:
+            pass
+        sync()
+        return time.perf_counter() - t0
+
+    prefill(min(16, args.prompt_len))  # warm-up: lazy initialisation in torch and bitsandbytes
+    decode(min(16, args.prompt_len), 2)
+    prefill_s, first_logits = prefill(args.prompt_len)
+    decode_s = decode(args.prompt_len, args.new_tokens)
+    result = {
+        "mode": mode,
+        "load_s": round(load_s, 3),
+        "weights_bytes": quant.footprint(model),
+        "weights": ", ".join(f"{where} {human_bytes(n)}" for where, n in quant.footprint(model).items()),
+        "peak_allocated_during_load_bytes": peak_load,
+        "peak_allocated_bytes": {f"cuda:{i}": torch.cuda.max_memory_allocated(i)
+                                 for i in range(torch.cuda.device_count())},
+        "host_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "layer_devices": sorted({str(d) for d in devices}),
+        "decode_cuda_graph": on_single_gpu(model) and not quant.is_quantized(model),
+        "prefill_tokens": args.prompt_len,
+        "prefill_tok_s": round(args.prompt_len / prefill_s, 2),
+        "decode_tokens": args.new_tokens,
+        "decode_tok_s": round(args.new_tokens / decode_s, 3),
+        "decode_ms_per_token": round(1000 * decode_s / args.new_tokens, 2),
+    }
+    del model
+    return result, first_logits
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("out", type=Path, help="JSON file to write")
+    p.add_argument("--shape", choices=SHAPES, default="mini")
+    p.add_argument("--layers", type=int, help="override num_hidden_layers (the layer schedule is kept)")
+    p.add_argument("--modes", default="bf16,8bit,4bit", help="comma list of bf16, 8bit, 4bit")
+    p.add_argument("--dtype", default="bf16", help="dtype of unquantized weights and activations")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device-map", help="auto, balanced, sequential, a device, or a JSON file")
+    p.add_argument("--max-memory", help='e.g. "0=60GiB,cpu=100GiB"')
+    p.add_argument("--offload-folder")
+    p.add_argument("--int8-skip", default=",".join(quant.DEFAULT_SKIP))
+    p.add_argument("--int8-threshold", type=float, default=6.0)
+    p.add_argument("--prompt-len", type=int, default=512)
+    p.add_argument("--new-tokens", type=int, default=64)
+    args = p.parse_args()
+
+    config = JambaConfig(**SHAPES[args.shape])
+    if args.layers:
+        config = dataclasses.replace(config, num_hidden_layers=args.layers)
+    dtype = DTYPE_NAMES[args.dtype]
+    modes = [m.strip() for m in args.modes.split(",")]
+    results, first = [], None
+    for mode in modes:
+        result, logits = run_mode(mode, config, dtype, args)
+        if first is None:
+            first = logits
+        result["max_abs_logit_diff_vs_first"] = round((logits - first).abs().max().item(), 4)
+        results.append(result)
+        print(f"{mode:>5}: load {result['load_s']:7.1f} s  weights {result['weights']}  prefill "
+              f"{result['prefill_tok_s']:9.1f} tok/s  decode {result['decode_tok_s']:7.2f} tok/s  "
+              f"max|dlogit| vs {modes[0]} {result['max_abs_logit_diff_vs_first']}", file=sys.stderr)
+    try:
+        from importlib.metadata import version
+
+        bnb_version = version("bitsandbytes")
+    except ImportError:
+        bnb_version = None
+    report = {
+        "shape": args.shape,
+        "config": {k: getattr(config, k) for k in ("hidden_size", "num_hidden_layers", "intermediate_size",
+                                                    "num_experts", "num_attention_heads", "vocab_size")},
+        "dtype": args.dtype,
+        "device_map": args.device_map or args.device,
+        "max_memory": args.max_memory,
+        "int8_skip": args.int8_skip,
+        "int8_threshold": args.int8_threshold,
+        "hardware": torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu",
+        "gpus": torch.cuda.device_count(),
+        "torch": torch.__version__,
+        "bitsandbytes": bnb_version,
+        "results": results,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except JambaError as e:
+        sys.exit(f"bench_quant: {e}")

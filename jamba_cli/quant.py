@@ -1,0 +1,186 @@
+"""8-bit (LLM.int8) and 4-bit (nf4) weights through bitsandbytes, applied while the checkpoint streams in.
+
+The loader builds the model on the meta device, asks `targets` which modules to quantize, swaps them for
+bitsandbytes modules with `swap` (still on meta) and hands each weight to `quantize` as soon as all of
+its bytes are in, so the full-precision model never exists at once.
+
+Kept in full precision by default (`DEFAULT_SKIP`): every Mamba mixer, the MoE routers and lm_head.
+Always kept: the mixer's `in_proj` and `dt_proj` (its forward multiplies by their weights directly) and a
+tied lm_head (it is the embedding).
+A skip entry matches a module when it equals whole components of its dotted name: "mamba" matches
+`model.layers.0.mamba.in_proj`, "layers.3" matches everything in the fourth layer.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .errors import ConfigError, DependencyError
+from .model import Experts, JambaForCausalLM
+
+DEFAULT_SKIP = ("mamba", "router", "lm_head")
+DIRECT_WEIGHTS = ("mamba.in_proj", "mamba.dt_proj")  # read as tensors by MambaMixer, so never swapped
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    bits: int  # 8: LLM.int8 with outlier columns in 16-bit; 4: nf4 with double-quantized block scales
+    skip: tuple[str, ...] = DEFAULT_SKIP
+    threshold: float = 6.0  # int8 only: activation columns with any |x| above this stay in 16-bit
+
+    def __post_init__(self):
+        if self.bits not in (4, 8):
+            raise ConfigError(f"quantization is 8 or 4 bits, not {self.bits}")
+        if not self.threshold >= 0:
+            raise ConfigError(f"the int8 threshold must be >= 0, got {self.threshold}")
+
+
+def parse_skip(text: str) -> tuple[str, ...]:
+    """'mamba,router,lm_head' -> ('mamba', 'router', 'lm_head'); an empty string skips nothing."""
+    return tuple(part.strip().strip(".") for part in text.split(",") if part.strip())
+
+
+def require_bnb():
+    """Import bitsandbytes, or raise a one-line DependencyError saying how to install it."""
+    bnb = sys.modules.get("bitsandbytes")
+    if bnb is None:
+        log = logging.getLogger("bitsandbytes")
+        level = log.level
+        log.setLevel(logging.ERROR)  # its CPU backend logs optional-kernel misses at import time
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise DependencyError("8-bit and 4-bit loading need bitsandbytes: pip install 'jamba-cli[quant]'") \
+                from None
+        finally:
+            log.setLevel(level)
+    chatty = logging.getLogger("bitsandbytes.autograd._functions")
+    if chatty.level < logging.ERROR:  # LLM.int8 casts bf16/fp32 activations to fp16 by design, and says so per call
+        chatty.setLevel(logging.ERROR)
+    return bnb
+
+
+def skipped(name: str, skip: tuple[str, ...]) -> bool:
+    dotted = f".{name}."
+    return any(f".{entry}." in dotted for entry in skip)
+
+
+def targets(model: JambaForCausalLM, qc: QuantConfig) -> dict[str, list[str]]:
+    """Modules to quantize -> the names of their full-precision weights (for sizing and placement)."""
+    out = {}
+    for name, module in model.named_modules():
+        if skipped(name, qc.skip) or name.endswith(DIRECT_WEIGHTS):
+            continue
+        if name == "lm_head" and model.config.tie_word_embeddings:
+            continue
+        if isinstance(module, Experts):
+            out[name] = [f"{name}.gate_up_proj", f"{name}.down_proj"]
+        elif type(module) is nn.Linear:
+            out[name] = [f"{name}.weight"]
+    return out
+
+
+def weight_dtype(qc: QuantConfig):
+    """The storage type of a quantized weight, as accelerate counts bytes when it sizes a device map."""
+    from accelerate.utils import CustomDtype
+
+    return torch.int8 if qc.bits == 8 else CustomDtype.INT4
+
+
+def swap(model: JambaForCausalLM, names: list[str], qc: QuantConfig, compute_dtype: torch.dtype) -> set[str]:
+    """Replace the named modules of a meta model by bitsandbytes ones; returns the new weights' names."""
+    bnb = require_bnb()
+
+    def linear(n_in: int, n_out: int, bias: bool = False) -> nn.Module:
+        if qc.bits == 8:
+            return bnb.nn.Linear8bitLt(n_in, n_out, bias=bias, has_fp16_weights=False, threshold=qc.threshold,
+                                       device="meta")
+        return bnb.nn.Linear4bit(n_in, n_out, bias=bias, compute_dtype=compute_dtype, quant_type="nf4",
+                                 compress_statistics=True, device="meta")
+
+    weights = set()
+    for name in names:
+        parent, _, attr = name.rpartition(".")
+        old = model.get_submodule(name)
+        if isinstance(old, Experts):
+            new = QuantExperts(old, linear)
+            weights |= {f"{name}.{kind}.{e}.weight" for kind in ("gate_up", "down") for e in range(len(new.down))}
+        else:
+            new = linear(old.in_features, old.out_features, old.bias is not None)
+            weights.add(f"{name}.weight")
+        setattr(model.get_submodule(parent), attr, new)
+    return weights
+
+
+class QuantExperts(Experts):
+    """Experts with one quantized linear per expert and projection in place of the stacked parameters.
+
+    Always the per-expert loop: the fused CUDA paths of `Experts` read the stacked weights."""
+
+    def __init__(self, experts: Experts, linear):
+        nn.Module.__init__(self)  # not Experts.__init__: there are no stacked parameters to allocate
+        x, two_i, h = experts.gate_up_proj.shape
+        self.act = experts.act
+        self.gate_up = nn.ModuleList(linear(h, two_i) for _ in range(x))  # rows [0:I] gate, [I:2I] up
+        self.down = nn.ModuleList(linear(two_i // 2, h) for _ in range(x))
+
+    def forward(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return self.per_expert(x, idx, w)
+
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up[e](x).chunk(2, dim=-1)
+        return self.down[e](self.act(gate) * up)
+
+
+def quantize(module: nn.Module, weight: torch.Tensor) -> None:
+    """Give a swapped module its weight, quantized on the device `weight` is on."""
+    bnb = require_bnb()
+    if isinstance(module, bnb.nn.Linear8bitLt):
+        cb, scb, _ = bnb.functional.int8_vectorwise_quant(weight.to(torch.float16))  # row-wise absmax
+        param = bnb.nn.Int8Params(cb, requires_grad=False, has_fp16_weights=False)
+        param.CB, param.SCB = cb, scb
+    else:
+        if weight.device.type == "cpu" and (weight.shape[0] % 32 or weight.shape[1] % 64):
+            module.support_avx512bf16_for_cpu = False  # bnb's packed CPU layout needs these multiples
+        param = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4", blocksize=64,
+                                  compress_statistics=True, module=module).to(weight.device)
+    module.weight = param
+
+
+def is_quantized(model: nn.Module) -> bool:
+    """Whether any module of `model` was swapped by `swap` (such a model cannot be captured in a CUDA graph:
+    the per-expert loop and LLM.int8's outlier columns depend on the data)."""
+    return any(isinstance(m, QuantExperts) or type(m).__module__.startswith("bitsandbytes") for m in model.modules())
+
+
+def footprint(model: nn.Module) -> dict[str, int]:
+    """Bytes of weights per place ('cuda:0', 'cpu', 'disk'), quantized ones with their scales."""
+    out: dict[str, int] = {}
+    seen = set()
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            where = "disk" if p.untyped_storage().filename else str(p.device)
+            out[where] = out.get(where, 0) + p.numel() * p.element_size() + _scale_bytes(module, p)
+    return dict(sorted(out.items()))
+
+
+def _scale_bytes(module: nn.Module, p: torch.Tensor) -> int:
+    quant_state = getattr(p, "quant_state", None)
+    if quant_state is not None:  # nf4: block absmax, itself quantized, plus its own absmax and code books
+        parts = [quant_state.absmax, quant_state.code, quant_state.offset]
+        if getattr(quant_state, "state2", None) is not None:  # gone once bnb repacks it for the CPU
+            parts += [quant_state.state2.absmax, quant_state.state2.code]
+        return sum(t.numel() * t.element_size() for t in parts if isinstance(t, torch.Tensor))
+    scb = getattr(p, "SCB", None)
+    if scb is None and hasattr(module, "state") and p is getattr(module, "weight", None):
+        scb = getattr(module.state, "SCB", None)  # int8: bitsandbytes moves the row scales on first use
+    return 0 if scb is None else scb.numel() * scb.element_size()
+

@@ -1,0 +1,24 @@
+"""The GPU benchmark script runs end to end on the CPU with a tiny shape (so the lead's run cannot fail on
+something a CPU could have caught)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bench_quant_smoke(tmp_path):
+    out = tmp_path / "bench.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_quant.py"), str(out), "--shape", "tiny",
+                    "--prompt-len", "8", "--new-tokens", "2"], check=True, env=os.environ, capture_output=True)
+    report = json.loads(out.read_text())
+    results = {r["mode"]: r for r in report["results"]}
+    assert list(results) == ["bf16", "8bit", "4bit"]
+    sizes = [results[m]["weights_bytes"]["cpu"] for m in ("bf16", "8bit", "4bit")]
+    assert sizes[0] > sizes[1] > sizes[2]
+    assert all(r["decode_tok_s"] > 0 and r["prefill_tok_s"] > 0 and r["load_s"] > 0 for r in results.values())
+    # same seeded weights in every mode: quantized logits stay near bf16's, but are not identical
+    assert 0 < results["8bit"]["max_abs_logit_diff_vs_first"] < 0.5
