@@ -94,6 +94,8 @@ def sync() -> None:
 
 def run_mode(mode: str, config: JambaConfig, dtype: torch.dtype, args) -> tuple[dict, torch.Tensor]:
     gc.collect()
+    if torch.cuda.is_available():
+        torch.empty(1, device="cuda")  # the memory-stats calls below need an initialised CUDA context
     for i in range(torch.cuda.device_count()):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(i)

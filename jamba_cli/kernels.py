@@ -133,6 +133,8 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, Bm: to
     h0 = state if resume else None
     ops = on_cuda(u, differentiable=h0 is None)
     if ops is not None:
+        # the kernel wants one dtype for u, Δ, B, C and z (under autocast the norms hand back fp32)
+        delta, Bm, Cm, z = (t.to(u.dtype) for t in (delta, Bm, Cm, z))
         y, last = ops.scan(u, delta, A, Bm, Cm, D.float(), z if h0 is None else None, delta_bias.float(),
                            delta_softplus=True, return_last_state=True)
         if h0 is not None:  # selective_scan_fn always starts from h = 0: add h0's share, by linearity
