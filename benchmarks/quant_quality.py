@@ -4,8 +4,8 @@ of the logits and perplexity on held-out text.
     python benchmarks/quant_quality.py CHECKPOINT_DIR --out benchmarks/results/quant_quality.json
     python benchmarks/quant_quality.py --fitted-lm --out /tmp/q.json   # the tests' model (tests/conftest.py)
 
-With a checkpoint, the held-out text is the end of --text (Shakespeare by default), tokenized by the
-checkpoint's tokenizer, in windows of --window tokens.
+With a checkpoint, the held-out text is the end of --text (tests/data/shakespeare_val.txt, which the
+bundled model never saw), tokenized by the checkpoint's tokenizer, in --windows windows of --window tokens.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("checkpoint", nargs="?", type=Path)
     p.add_argument("--fitted-lm", action="store_true", help="build and use the tests' fitted model")
-    p.add_argument("--text", type=Path, default=ROOT.parent / "shared" / "data" / "tinyshakespeare.txt")
+    p.add_argument("--text", type=Path, default=ROOT / "tests" / "data" / "shakespeare_val.txt")
     p.add_argument("--windows", type=int, default=4)
     p.add_argument("--window", type=int, default=256)
     p.add_argument("--out", type=Path)
@@ -70,8 +70,11 @@ def main() -> None:
         return math.exp(torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten()).item())
 
     ref = run(dtype="fp32")
-    report = {"checkpoint": str(args.checkpoint), "tokens": ids.numel(), "fp32_perplexity": round(ppl(ref), 4),
-              "modes": {}}
+    from importlib.metadata import version
+
+    report = {"checkpoint": "fitted-lm (tests/conftest.py)" if args.fitted_lm else str(args.checkpoint),
+              "tokens": ids.numel(), "torch": torch.__version__, "bitsandbytes": version("bitsandbytes"),
+              "fp32_perplexity": round(ppl(ref), 4), "modes": {}}
     for mode, kwargs in MODES.items():
         logits = run(**kwargs)
         diff = (logits - ref).abs()

@@ -321,8 +321,8 @@ def place(model: JambaForCausalLM, *, dtype: torch.dtype | None = None, device=N
         raise DeviceMapError("pass either a device or a device map, not both")
     budget = devices.parse_max_memory(max_memory) if isinstance(max_memory, str) else \
         devices.budget_bytes(max_memory) if max_memory else None
-    if device_map is None:
-        device_map = "auto" if budget else device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device_map is None:  # a budget alone asks for a planned map
+        device_map = device or ("auto" if budget else "cuda" if torch.cuda.is_available() else "cpu")
     targets = quant.targets(model, quant_config) if quant_config else {}
     special = {w: quant.weight_dtype(quant_config) for ws in targets.values() for w in ws}
     automatic = isinstance(device_map, str) and device_map in devices.AUTO_MAPS
@@ -334,10 +334,11 @@ def place(model: JambaForCausalLM, *, dtype: torch.dtype | None = None, device=N
         first = next((d for d in device_map.values() if d not in ("cpu", "disk")), "cpu")
         dtype = dtype or default_dtype(model.config, torch.device(first))
     where = devices.assign(model, device_map)
-    from accelerate.utils import dtype_byte_size
+    if budget or automatic or "disk" in where.values():  # (a plain device needs no accelerate import)
+        from accelerate.utils import dtype_byte_size
 
-    sizes = {name: p.numel() * dtype_byte_size(special.get(name, dtype)) for name, p in model.named_parameters()}
-    devices.check_budget(sizes, where, budget, offload_folder, automatic)
+        sizes = {name: p.numel() * dtype_byte_size(special.get(name, dtype)) for name, p in model.named_parameters()}
+        devices.check_budget(sizes, where, budget, offload_folder, automatic)
     quantized = set()
     if targets:
         names = [m for m, ws in targets.items() if where[ws[0]] != "disk"]  # offloaded weights stay full precision

@@ -128,6 +128,8 @@ def test_bad_json_map_file(checkpoints, tmp_path):
 def test_device_and_device_map_together(checkpoints):
     with pytest.raises(DeviceMapError, match="^pass either a device or a device map, not both$"):
         load(checkpoints["mini"][0], device="cpu", device_map="auto")
+    with pytest.raises(DeviceMapError, match="^not enough memory: the device map puts .* on cpu"):
+        load(checkpoints["mini"][0], device="cpu", max_memory="cpu=1MB")  # a budget checks a plain device too
 
 
 @pytest.mark.gpu
