@@ -19,7 +19,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.nn.attention.bias import causal_lower_right
 
 from . import kernels
 from .cache import AttnCache, HybridCache, MambaCache
@@ -70,6 +69,9 @@ class Attention(nn.Module):
             if t == 1:
                 out = _decode_attention(q, k, v, key_mask)
             elif mask is None and offset > 0:  # causal with the queries at the end: no mask materialised
+                # imported here: the module pulls in torch._dynamo (1.7 s) and most runs never need it
+                from torch.nn.attention.bias import causal_lower_right
+
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(t, offset + t),
                                                      enable_gqa=gqa)
             else:
