@@ -169,6 +169,8 @@ def _model_dir(console, spec: str | None, revision: str | None, yes: bool) -> tu
         bundled = bundled_model()
         if bundled is None:
             raise UsageError("no model given: pass -m PATH_OR_REPO_ID or set JAMBA_MODEL")
+        console.print(f"using the bundled model {bundled.name} (-m or JAMBA_MODEL picks another)",
+                      style="dim", highlight=False)
         return bundled, bundled.name
     from .loader import resolve
 
