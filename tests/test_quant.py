@@ -204,3 +204,17 @@ def test_quantized_on_gpu_and_split_with_cpu(fitted_lm, full_precision, bits, sp
     assert model.model.layers[2].self_attn.q_proj.weight.device.type == "cuda"
     assert model.model.layers[6].self_attn.q_proj.weight.device.type == ("cpu" if split else "cuda")
     assert abs(perplexity(model, held.cuda()) / full_precision[1] - 1) < (0.02 if bits == 8 else 0.05)
+
+
+def test_bundled_model_8bit_perplexity_within_2_percent():
+    from pathlib import Path
+
+    full, tok = load(dtype="fp32", device="cpu")  # the bundled model
+    text = (Path(__file__).parent / "data" / "shakespeare_val.txt").read_text()
+    ids = tok.encode(text, add_special_tokens=False)[:4 * 255]
+    rows = torch.tensor([[tok.bos_token_id] + ids[i:i + 255] for i in range(0, len(ids), 255)])  # (4, 256)
+    q8, _ = load(dtype="fp32", device="cpu", load_in_8bit=True)
+    assert quantized_names(q8) == expected_names(q8.config)
+    base = perplexity(full, rows)
+    assert base < 150  # a trained model: the bound below says something
+    assert abs(perplexity(q8, rows) / base - 1) < 0.02
