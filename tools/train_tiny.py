@@ -208,7 +208,6 @@ def train(args) -> int:
     device = torch.device(args.device)
     amp = device.type == "cuda"
     if amp:
-        torch.backends.cuda.matmul.allow_tf32 = True
         kernels._BLOCK_ELEMS = 1 << 30  # the scan's memory cap is for long prompts; one block per window here
     text = args.corpus.read_text()
     train_text, val_text = corpus.split_corpus(text, args.val_fraction)
@@ -309,7 +308,7 @@ def save(args, model, tok, figures: dict, data: Data, text: str, t_start: float)
         tmp.chmod(0o755)
         write_checkpoint(tmp, model, tok)
         saved, _ = load(tmp, dtype="fp32", device=args.device)
-        bos, window = tok.token_to_id(corpus.BOS), args.seq_len
+        bos, window, vocab = tok.token_to_id(corpus.BOS), args.seq_len, tok.get_vocab_size()
         val_loss = mean_nll(saved, data.val, bos, window)
         excerpt_loss = mean_nll(saved, data.excerpt, bos, window)
         chat_loss = mean_nll(saved, data.val_chat, bos, window) if data.val_chat else None
@@ -319,14 +318,17 @@ def save(args, model, tok, figures: dict, data: Data, text: str, t_start: float)
             "batch_size": args.batch_size, "peak_lr": args.lr, "dropout": args.dropout,
             "device": torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else args.device,
             "torch": torch.__version__, **figures,
+            "notes": "final_train_loss: mean LM loss of the last 50 steps (training mode, text and dialogue rows); "
+                     "the saved weights are those with the best loss on the second half of the validation "
+                     "split; figures below are of the saved bf16 weights computed in fp32, windows of seq_len",
             "validation": {"tokens": len(data.val), "loss": round(val_loss, 4),
                            "perplexity": round(math.exp(val_loss), 2),
-                           "unigram_perplexity": round(unigram_perplexity(data.val, tok.get_vocab_size(),
-                                                                          data.train), 1),
+                           "unigram_perplexity": round(unigram_perplexity(data.val, vocab, data.train), 1),
                            "chat_loss": None if chat_loss is None else round(chat_loss, 4)},
             "excerpt": {"file": "tests/data/shakespeare_val.txt", "tokens": len(data.excerpt),
                         "perplexity": round(math.exp(excerpt_loss), 2),
-                        "best_unigram_perplexity": round(unigram_perplexity(data.excerpt, tok.get_vocab_size()), 1)},
+                        "unigram_perplexity": round(unigram_perplexity(data.excerpt, vocab, data.train), 1),
+                        "best_unigram_perplexity": round(unigram_perplexity(data.excerpt, vocab), 1)},
         }
         (tmp / "training.json").write_text(json.dumps(info, indent=2) + "\n")
         for f in tmp.iterdir():
