@@ -44,6 +44,11 @@ class DType(str, Enum):
     fp32 = "fp32"
 
 
+class Kernels(str, Enum):
+    auto = "auto"
+    torch = "torch"
+
+
 def _complete_model(incomplete: str) -> list[str]:
     """Repo ids in the local Hugging Face cache, and directories, that start with what was typed."""
     from .hub import cached_repo_ids
@@ -77,6 +82,8 @@ RevisionOpt = Annotated[str | None, typer.Option(help="Branch, tag or commit of 
 YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="Download a missing model without asking.")]
 DTypeOpt = Annotated[DType, typer.Option(help="Weight dtype (auto: bf16 on GPU, fp32 on CPU when it fits).")]
 DeviceOpt = Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1, mps (default: cuda if available).")]
+KernelsOpt = Annotated[Kernels, typer.Option(help="auto: mamba-ssm, causal-conv1d and Triton kernels on CUDA when "
+                                             "installed; torch: plain PyTorch everywhere.")]
 DeviceMapOpt = Annotated[str | None, typer.Option(help="Split the model over devices: auto, balanced, "
                                                   "balanced_low_0, sequential, or a JSON file of module -> device.")]
 MaxMemOpt = Annotated[str | None, typer.Option(help="Memory per device for the map, e.g. 0=70GiB,1=80GiB,cpu=200GiB.")]
@@ -201,7 +208,8 @@ def _fetch(console, repo: str, revision: str | None, yes: bool) -> Path:
     return hub.download(repo, revision=revision, progress=sys.stderr.isatty())
 
 
-def load_model(console, spec, *, revision=None, yes=False, dtype=DType.auto, device=None, stats=False, **placement):
+def load_model(console, spec, *, revision=None, yes=False, dtype=DType.auto, device=None, stats=False,
+               kernels=Kernels.auto, **placement):
     """Resolve and load a model, with a progress bar on a TTY. Returns (model, tokenizer, seconds, name).
 
     `placement`: the loader's device_map, max_memory, offload_folder and quantization options."""
@@ -210,7 +218,10 @@ def load_model(console, spec, *, revision=None, yes=False, dtype=DType.auto, dev
     if placement["load_in_8bit"] and placement["load_in_4bit"]:
         raise UsageError("--load-in-8bit and --load-in-4bit exclude each other")
     directory, name = _model_dir(console, spec, revision, yes)
+    from . import kernels as kernel_choice
     from .loader import load
+
+    kernel_choice.use(kernels.value)
     from .terminal import load_progress
 
     start = time.perf_counter()
@@ -275,7 +286,8 @@ def run(
     ignore_eos: IgnoreEosOpt = False,
     raw: Annotated[bool, typer.Option("--raw", help="Send the prompt as plain text, not through the chat "
                                       "template.")] = False,
-    dtype: DTypeOpt = DType.auto, device: DeviceOpt = None, device_map: DeviceMapOpt = None,
+    dtype: DTypeOpt = DType.auto, device: DeviceOpt = None, kernels: KernelsOpt = Kernels.auto,
+    device_map: DeviceMapOpt = None,
     max_memory: MaxMemOpt = None, offload_folder: OffloadOpt = None, load_in_8bit: Load8Opt = False,
     load_in_4bit: Load4Opt = False, int8_skip: SkipOpt = INT8_SKIP, int8_threshold: ThresholdOpt = 6.0,
     ctx_size: CtxOpt = None,
@@ -295,6 +307,7 @@ def run(
         if raw and system_text is not None:
             raise UsageError("--system needs the chat template; drop --raw")
         loaded = load_model(console, model, revision=revision, yes=yes, dtype=dtype, device=device, stats=stats,
+                            kernels=kernels,
                             device_map=device_map, max_memory=max_memory, offload_folder=offload_folder,
                             load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit, int8_skip=int8_skip,
                             int8_threshold=int8_threshold)
@@ -370,7 +383,8 @@ def chat(
     max_tokens: MaxTokOpt = None, temperature: TempOpt = None, top_k: TopKOpt = None, top_p: TopPOpt = None,
     min_p: MinPOpt = None, repetition_penalty: PenaltyOpt = None, seed: SeedOpt = None, stop: StopOpt = None,
     ignore_eos: IgnoreEosOpt = False,
-    dtype: DTypeOpt = DType.auto, device: DeviceOpt = None, device_map: DeviceMapOpt = None,
+    dtype: DTypeOpt = DType.auto, device: DeviceOpt = None, kernels: KernelsOpt = Kernels.auto,
+    device_map: DeviceMapOpt = None,
     max_memory: MaxMemOpt = None, offload_folder: OffloadOpt = None, load_in_8bit: Load8Opt = False,
     load_in_4bit: Load4Opt = False, int8_skip: SkipOpt = INT8_SKIP, int8_threshold: ThresholdOpt = 6.0,
     ctx_size: CtxOpt = None,
@@ -388,7 +402,7 @@ def chat(
     with _reporting(console):
         system_text = read_system(system, system_file)
         model_, tokenizer, load_s, name = load_model(
-            console, model, revision=revision, yes=yes, dtype=dtype, device=device, stats=stats,
+            console, model, revision=revision, yes=yes, dtype=dtype, device=device, stats=stats, kernels=kernels,
             device_map=device_map, max_memory=max_memory, offload_folder=offload_folder, load_in_8bit=load_in_8bit,
             load_in_4bit=load_in_4bit, int8_skip=int8_skip, int8_threshold=int8_threshold)
         from .chat import ChatSession, ChatSettings, repl

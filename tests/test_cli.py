@@ -325,3 +325,15 @@ def test_interrupt_guard_stops_first_then_raises():
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
     assert signal.getsignal(signal.SIGINT) is previous
+
+
+def test_kernels_choice_reaches_the_dispatcher(jamba, monkeypatch):
+    from jamba_cli import kernels
+
+    chosen = []
+    monkeypatch.setattr(kernels, "use", chosen.append)
+    assert jamba("run", "--raw", "-n", "2", "--kernels", "torch", "Hi").exit_code == 0
+    assert jamba("run", "--raw", "-n", "2", "Hi").exit_code == 0
+    assert chosen == ["torch", "auto"]
+    bad = jamba("run", "--kernels", "cuda", "Hi")
+    assert bad.exit_code == 2 and "--kernels" in bad.output
