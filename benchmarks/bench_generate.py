@@ -24,6 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import materialize, shape_config  # noqa: E402
 
+from jamba_cli import kernels  # noqa: E402
 from jamba_cli.cache import make_cache  # noqa: E402
 from jamba_cli.config import JambaConfig  # noqa: E402
 from jamba_cli.generation import CUDAGraphDecoder, prefill_chunk_size  # noqa: E402
@@ -79,7 +80,8 @@ def peak_gb() -> float:
 
 # ----------------------------------------------------------------------------------------------- ours
 
-def bench_ours(cfg_dict: dict, lengths: list[int], chunk: int, steps: int, log, profile: int = 0) -> dict:
+def bench_ours(cfg_dict: dict, lengths: list[int], chunk: int, steps: int, log, profile: int = 0,
+               warm_max: int = 65536) -> dict:
     config = JambaConfig.from_dict(cfg_dict)
     t0 = time.perf_counter()
     with torch.device("meta"):
@@ -109,10 +111,18 @@ def bench_ours(cfg_dict: dict, lengths: list[int], chunk: int, steps: int, log, 
                 torch.cuda.reset_peak_memory_stats()
                 ids = torch.randint(0, config.vocab_size, (1, n), device="cuda", generator=g)
                 cache = make_cache(config, 1, dtype=torch.bfloat16, device="cuda", capacity=n)
+                cold = None
+                if n <= warm_max:  # a first run at this length: the allocator grows, cuBLAS picks kernels
+                    t0 = sync()
+                    prefill(ids, cache)
+                    cold = sync() - t0
+                    cache.reset()
+                    torch.cuda.reset_peak_memory_stats()
                 t0 = sync()
                 prefill(ids, cache)
                 seconds = sync() - t0
-                out["prefill"][n] = {"tok_s": n / seconds, "seconds": seconds, "peak_gb": peak_gb()}
+                out["prefill"][n] = {"tok_s": n / seconds, "seconds": seconds, "cold_seconds": cold,
+                                     "peak_gb": peak_gb()}
                 del cache, ids
             except torch.OutOfMemoryError:
                 out["prefill"][n] = {"error": "out of memory", "peak_gb": peak_gb()}
@@ -136,7 +146,7 @@ def bench_ours(cfg_dict: dict, lengths: list[int], chunk: int, steps: int, log, 
             ids = torch.randint(0, config.vocab_size, (batch, prompt), device="cuda", generator=g)
             t0 = sync()
             cache = make_cache(config, batch, dtype=torch.bfloat16, device="cuda",
-                               capacity=prompt + 2 * steps + 32, static=True)
+                               capacity=prompt + 4 * steps + 64, static=True)
             tok = prefill(ids, cache)[:, -1].argmax(-1)
             tok.cpu()
             ttft = time.perf_counter() - t0
@@ -154,6 +164,20 @@ def bench_ours(cfg_dict: dict, lengths: list[int], chunk: int, steps: int, log, 
                 tok = step(tok).argmax(-1)
                 tok.cpu()
             synced_s = sync() - t0
+            gemv_s = math.nan
+            if batch == 1:  # the same step with our Triton GEMV for every linear instead of cuBLAS
+                kernels.GEMV_LINEARS = True
+                try:
+                    alt = CUDAGraphDecoder(model, cache)
+                    for _ in range(3):
+                        tok = alt(tok).argmax(-1)
+                    t0 = sync()
+                    for _ in range(steps):
+                        tok = alt(tok).argmax(-1)
+                    gemv_s = sync() - t0
+                    del alt
+                finally:
+                    kernels.GEMV_LINEARS = False
             if profile and batch == 1:
                 from torch.profiler import ProfilerActivity, profile as torch_profile
 
@@ -171,6 +195,7 @@ def bench_ours(cfg_dict: dict, lengths: list[int], chunk: int, steps: int, log, 
                 "prompt": prompt, "ttft_s": ttft, "graph_capture_s": capture,
                 "tok_s_per_seq": steps / graph_s, "tok_s_total": batch * steps / graph_s,
                 "tok_s_per_seq_host_sync": steps / synced_s, "tok_s_per_seq_eager": eager_steps / eager_s,
+                "tok_s_per_seq_gemv_linears": steps / gemv_s,
                 "peak_gb": peak_gb()}
             log(f"ours: decode batch {batch}: {out['decode'][batch]}")
             del cache, step
@@ -180,7 +205,7 @@ def bench_ours(cfg_dict: dict, lengths: list[int], chunk: int, steps: int, log, 
 
 # ----------------------------------------------------------------------------------------- transformers
 
-def bench_hf(cfg_dict: dict, lengths: list[int], steps: int, log) -> dict:
+def bench_hf(cfg_dict: dict, lengths: list[int], steps: int, log, warm_max: int = 65536) -> dict:
     import warnings
 
     from transformers import JambaConfig as HFConfig
@@ -209,10 +234,18 @@ def bench_hf(cfg_dict: dict, lengths: list[int], steps: int, log) -> dict:
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
                 ids = torch.randint(0, hf_cfg.vocab_size, (1, n), device="cuda", generator=g)
+                cold = None
+                if n <= warm_max:  # as for ours: time the second run at this length
+                    t0 = sync()
+                    model(ids, use_cache=True, logits_to_keep=1)
+                    cold = sync() - t0
+                    gc.collect()
+                    torch.cuda.reset_peak_memory_stats()
                 t0 = sync()
                 model(ids, use_cache=True, logits_to_keep=1)
                 seconds = sync() - t0
-                out["prefill"][n] = {"tok_s": n / seconds, "seconds": seconds, "peak_gb": peak_gb()}
+                out["prefill"][n] = {"tok_s": n / seconds, "seconds": seconds, "cold_seconds": cold,
+                                     "peak_gb": peak_gb()}
             except torch.OutOfMemoryError:
                 out["prefill"][n] = {"error": "out of memory", "peak_gb": peak_gb()}
             log(f"hf: prefill {n}: {out['prefill'][n]}")
@@ -251,6 +284,8 @@ def main() -> None:
     ap.add_argument("--hf-steps", type=int, default=32)
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--profile", type=int, default=0, help="also profile a prefill of this many tokens")
+    ap.add_argument("--warm-max", type=int, default=65536,
+                    help="prompts up to this length run once untimed first (steady-state prefill)")
     args = ap.parse_args()
     cfg = shape_config(args.shape, args.layers)
     results = {"shape": args.shape, "config": cfg, "device": torch.cuda.get_device_name(),
@@ -268,7 +303,7 @@ def main() -> None:
         f"GB/token -> decode limit {results['decode_limit_tok_s']:.1f} tok/s")
     lengths = [int(x) for x in args.lengths.split(",") if x]
     try:
-        results["ours"] = bench_ours(cfg, lengths, args.chunk, args.steps, log, args.profile)
+        results["ours"] = bench_ours(cfg, lengths, args.chunk, args.steps, log, args.profile, args.warm_max)
     except Exception:
         results["ours_error"] = traceback.format_exc()
         log(results["ours_error"])
@@ -276,7 +311,8 @@ def main() -> None:
     torch.cuda.empty_cache()
     if not args.skip_hf:
         try:
-            results["hf"] = bench_hf(cfg, [int(x) for x in args.hf_lengths.split(",") if x], args.hf_steps, log)
+            results["hf"] = bench_hf(cfg, [int(x) for x in args.hf_lengths.split(",") if x], args.hf_steps, log,
+                                     args.warm_max)
         except Exception:
             results["hf_error"] = traceback.format_exc()
             log(results["hf_error"])

@@ -1,10 +1,15 @@
-"""Micro-benchmarks behind the choices in jamba_cli/triton_ops.py and the attention path (one GPU).
+"""Micro-benchmarks behind the decode-step kernels in jamba_cli/triton_gemv.py and triton_ops.py (one GPU).
 
     python benchmarks/bench_kernels.py --out kernels.json
 
-MoE decode at Jamba-Mini shape (X=16, I=14336, H=4096, top-2): our Triton GEMVs over a sweep of tile
-configs, torch's grouped GEMM, and a gathered-weights baseline; each as bytes of the chosen experts per
-second. Also: which SDPA backends take GQA with a causal mask and with a lower-right causal mask.
+At Jamba-Mini shape, batch 1 unless noted, each replayed from a CUDA graph over several weight sets (so
+L2 holds none of them) and reported as GB/s of weights read or µs per call:
+  - every decode linear: cuBLAS (F.linear) vs our Triton GEMV over a sweep of tile configs;
+  - the dense SwiGLU MLP: cuBLAS gate, up, silu_mul, down vs our two fused kernels;
+  - MoE experts at batch 1 and 8: our fused kernels (sweep) vs torch's grouped GEMM;
+  - router + softmax + top-k, residual add + RMSNorm, and Mamba's step from in_proj to out_proj:
+    the PyTorch/mamba-ssm chain vs our fused kernels.
+Each fused result is checked against its reference (relative error).
 """
 
 from __future__ import annotations
@@ -12,14 +17,19 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 import triton.testing
 
-from jamba_cli import triton_ops
+from jamba_cli import kernels, triton_gemv as G, triton_ops as T
 from jamba_cli.model import Experts
+
+H, I, E, N, R, X, K = 4096, 14336, 8192, 16, 256, 16, 2
+BF = torch.bfloat16
+L2_BYTES = 400e6  # rotate through at least this many bytes of weights
 
 
 def bench(fn) -> float:
@@ -29,84 +39,181 @@ def bench(fn) -> float:
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         fn()
-    return triton.testing.do_bench(g.replay, warmup=10, rep=60, return_mode="median")
+    return triton.testing.do_bench(g.replay, warmup=5, rep=40, return_mode="median")
+
+
+def rel(a, b) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def weights(shape, nbytes_each) -> list[torch.Tensor]:
+    sets = max(2, math.ceil(L2_BYTES / nbytes_each))
+    return [torch.randn(*shape, dtype=BF, device="cuda") * 0.02 for _ in range(sets)]
+
+
+def configs(dual: bool):
+    for bn, bk, warps, stages in itertools.product((4, 8, 16), (256, 512, 1024), (4, 8), (3, 4)):
+        if bn * bk * (2 if dual else 1) <= 16384 and (warps == 4 or bn * bk >= 4096):
+            yield bn, bk, warps, stages
+
+
+def sweep(run, check, nbytes, dual=False) -> dict:
+    """GB/s of `run(config)` (which calls the kernel on every weight set) for each config; rel error of one."""
+    out = {}
+    for cfg in configs(dual):
+        try:
+            err = check(cfg)
+            ms = bench(lambda: run(cfg))
+            out[str(cfg)] = {"gb_s": nbytes / ms / 1e6, "rel_err": err}
+        except Exception as exc:  # a config Triton cannot compile for this GPU
+            out[str(cfg)] = {"error": str(exc).splitlines()[0][:160]}
+    return out
+
+
+def best(res: dict):
+    ok = [(v["gb_s"], c) for c, v in res.items() if "gb_s" in v]
+    return max(ok) if ok else (0.0, None)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
-    r = {}
-    X, I, H, k = 16, 14336, 4096, 2
-    sets = 4  # rotate weight sets so L2 (60 MB) holds none of them
-    gu = [torch.randn(X, 2 * I, H, dtype=torch.bfloat16, device="cuda") * 0.02 for _ in range(sets)]
-    dn = [torch.randn(X, H, I, dtype=torch.bfloat16, device="cuda") * 0.02 for _ in range(sets)]
-    for t in (1, 8):
-        x = torch.randn(t, H, dtype=torch.bfloat16, device="cuda")
-        w, idx = torch.randn(t, X, device="cuda").softmax(-1).topk(k)
-        w = w.bfloat16()
-        chosen = idx.unique().numel() * 3 * I * H * 2
-        per_pair = t * k * 3 * I * H * 2
-        res = {"unique_expert_bytes": chosen}
+    r: dict = {"device": torch.cuda.get_device_name()}
+    summary = []
 
-        def rate(ms):
-            return chosen / (ms / sets) / 1e9  # GB/s of distinct expert bytes
-
-        ref = Experts._grouped(_E(gu[0], dn[0]), x, idx, w)
-        res["grouped_mm"] = rate(bench(lambda: [Experts._grouped(_E(gu[s], dn[s]), x, idx, w) for s in range(sets)]))
-        configs = list(itertools.product((8, 16, 32, 64), (128, 256, 512), (4,), (3, 4)))
-        sweep = {}
-        for cfg in configs:
-            try:
-                out = triton_ops.moe_decode(x, gu[0], dn[0], idx, w, gate_up_config=cfg, down_config=cfg)
-                err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
-                ms = bench(lambda: [triton_ops.moe_decode(x, gu[s], dn[s], idx, w, cfg, cfg) for s in range(sets)])
-                sweep[str(cfg)] = {"gb_s": rate(ms), "rel_err": err}
-            except Exception as exc:  # a config Triton cannot compile for this GPU
-                sweep[str(cfg)] = {"error": str(exc).splitlines()[0][:200]}
-        res["triton_same_config"] = sweep
-        best = max((v["gb_s"], c) for c, v in sweep.items() if "gb_s" in v)
-        res["triton_best_same_config"] = {"config": best[1], "gb_s": best[0]}
-        # then each kernel on its own, the other held at that best config
-        base = tuple(int(v) for v in best[1].strip("()").split(","))
-        split = {}
-        for cfg in configs:
-            for which in ("gate_up", "down"):
-                kw = {"gate_up_config": cfg if which == "gate_up" else base,
-                      "down_config": cfg if which == "down" else base}
-                try:
-                    ms = bench(lambda: [triton_ops.moe_decode(x, gu[s], dn[s], idx, w, **kw) for s in range(sets)])
-                    split[f"{which} {cfg}"] = rate(ms)
-                except Exception as exc:
-                    split[f"{which} {cfg}"] = str(exc).splitlines()[0][:100]
-        res["triton_split_sweep"] = split
-        for which in ("gate_up", "down"):
-            top = max((v, c) for c, v in split.items() if c.startswith(which) and isinstance(v, float))
-            res[f"best_{which}"] = top
-        res["per_pair_bytes"] = per_pair
-        r[f"moe_T{t}"] = res
-        print(t, {k2: v for k2, v in res.items() if "sweep" not in k2 and k2 != "triton_same_config"}, flush=True)
+    def save():
         args.out.write_text(json.dumps(r, indent=1))
 
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.nn.attention.bias import causal_lower_right
-    q = torch.randn(1, 32, 4096, 128, dtype=torch.bfloat16, device="cuda")
-    kv = torch.randn(1, 8, 8192, 128, dtype=torch.bfloat16, device="cuda")
-    att = {}
-    for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("efficient", SDPBackend.EFFICIENT_ATTENTION),
-                          ("cudnn", SDPBackend.CUDNN_ATTENTION)):
-        for case, kwargs, kk in (("causal_gqa", {"is_causal": True}, kv[:, :, :4096]),
-                                 ("lower_right_gqa", {"attn_mask": causal_lower_right(4096, 8192)}, kv)):
-            try:
-                with sdpa_kernel([backend]):
-                    F.scaled_dot_product_attention(q, kk, kk, enable_gqa=True, **kwargs)
-                    torch.cuda.synchronize()
-                att[f"{name} {case}"] = "ok"
-            except Exception as exc:
-                att[f"{name} {case}"] = str(exc).splitlines()[0][:150]
-    r["sdpa"] = att
-    print(att)
-    args.out.write_text(json.dumps(r, indent=1))
+    # every linear of a decode step at batch 1
+    shapes = {"in_proj": (2 * E, H), "out_proj": (H, E), "q_o_proj": (H, H), "k_v_proj": (1024, H),
+              "lm_head": (65536, H), "dense_gate": (I, H), "dense_down": (H, I)}
+    r["linears"] = {}
+    for name, (n, k) in shapes.items():
+        ws = weights((n, k), n * k * 2)
+        x = torch.randn(1, k, dtype=BF, device="cuda")
+        nbytes = n * k * 2 * len(ws)
+        res = {"cublas_gb_s": nbytes / bench(lambda: [F.linear(x, w) for w in ws]) / 1e6}
+        res["triton"] = sweep(lambda c: [G.gemv(x, w, c) for w in ws],
+                              lambda c: rel(G.gemv(x, ws[0], c), F.linear(x, ws[0])), nbytes)
+        res["triton_best"] = best(res["triton"])
+        r["linears"][name] = res
+        summary.append(f"{name:12s} ({n}x{k}): cuBLAS {res['cublas_gb_s']:6.0f} GB/s, "
+                       f"Triton {res['triton_best'][0]:6.0f} GB/s {res['triton_best'][1]}")
+        print(summary[-1], flush=True)
+        del ws
+        save()
+
+    # dense SwiGLU MLP, one token
+    gs, us, ds = weights((I, H), 3 * I * H * 2), weights((I, H), 3 * I * H * 2), weights((H, I), 3 * I * H * 2)
+    x = torch.randn(1, H, dtype=BF, device="cuda")
+    nbytes = 3 * I * H * 2 * len(gs)
+
+    def dense_ref(s):
+        return F.linear(T.silu_mul(F.linear(x, gs[s]), F.linear(x, us[s])), ds[s])
+
+    res = {"cublas_gb_s": nbytes / bench(lambda: [dense_ref(s) for s in range(len(gs))]) / 1e6}
+    base_down = (4, 512, 4, 3)
+    res["swiglu"] = sweep(lambda c: [G.swiglu_mlp(x, gs[s], us[s], ds[s], swiglu_config=c, down_config=base_down)
+                                     for s in range(len(gs))],
+                          lambda c: rel(G.swiglu_mlp(x, gs[0], us[0], ds[0], swiglu_config=c), dense_ref(0)),
+                          nbytes, dual=True)
+    sw = tuple(int(v) for v in best(res["swiglu"])[1].strip("()").split(","))
+    res["down"] = sweep(lambda c: [G.swiglu_mlp(x, gs[s], us[s], ds[s], swiglu_config=sw, down_config=c)
+                                   for s in range(len(gs))],
+                        lambda c: rel(G.swiglu_mlp(x, gs[0], us[0], ds[0], down_config=c), dense_ref(0)), nbytes)
+    res["best"] = {"swiglu": sw, "down": best(res["down"])}
+    r["dense_mlp"] = res
+    summary.append(f"dense MLP: cuBLAS {res['cublas_gb_s']:6.0f} GB/s, fused best {res['best']}")
+    print(summary[-1], flush=True)
+    del gs, us, ds
+    save()
+
+    # MoE experts
+    gu, dn = weights((X, 2 * I, H), X * 3 * I * H * 2), weights((X, H, I), X * 3 * I * H * 2)
+    gu, dn = gu[:3], dn[:3]  # 3 x 5.6 GB: far beyond L2, and what memory allows
+    r["moe"] = {}
+    for t in (1, 8):
+        x = torch.randn(t, H, dtype=BF, device="cuda")
+        w, idx = torch.randn(t, X, device="cuda").softmax(-1).topk(K)
+        w = w.to(BF)
+        nbytes = idx.unique().numel() * 3 * I * H * 2 * len(gu)
+        ref = Experts._grouped(_E(gu[0], dn[0]), x, idx, w)
+
+        def moe(s, sc=None, dc=None):
+            return G.swiglu_mlp(x, gu[s][:, :I], gu[s][:, I:], dn[s], idx, w, swiglu_config=sc, down_config=dc)
+
+        res = {"grouped_mm_gb_s": nbytes / bench(lambda: [Experts._grouped(_E(gu[s], dn[s]), x, idx, w)
+                                                          for s in range(len(gu))]) / 1e6}
+        res["swiglu"] = sweep(lambda c: [moe(s, c, base_down) for s in range(len(gu))],
+                              lambda c: rel(moe(0, c), ref), nbytes, dual=True)
+        sw = tuple(int(v) for v in best(res["swiglu"])[1].strip("()").split(","))
+        res["down"] = sweep(lambda c: [moe(s, sw, c) for s in range(len(gu))],
+                            lambda c: rel(moe(0, sw, c), ref), nbytes)
+        res["best"] = {"swiglu": sw, "down": best(res["down"])}
+        r["moe"][t] = res
+        summary.append(f"MoE T={t}: grouped_mm {res['grouped_mm_gb_s']:6.0f} GB/s, fused best {res['best']}")
+        print(summary[-1], flush=True)
+        save()
+    del gu, dn
+
+    # router, add+norm, Mamba step: µs per call (small weights: one set each)
+    x = torch.randn(1, H, dtype=BF, device="cuda")
+    router = torch.randn(X, H, dtype=BF, device="cuda") * 0.02
+
+    def route_ref():
+        w, idx = torch.topk(F.softmax(F.linear(x, router), dim=-1, dtype=torch.float32), K, dim=-1)
+        return idx, w.to(BF)
+
+    got, want = G.route(x, router, K), route_ref()
+    r["router"] = {"torch_us": 1e3 * bench(route_ref), "fused_us": 1e3 * bench(lambda: G.route(x, router, K)),
+                   "same_experts": bool(torch.equal(got[0], want[0])), "rel_err": rel(got[1], want[1])}
+    h, y, nw = (torch.randn(1, 1, H, dtype=BF, device="cuda") for _ in range(3))
+    r["add_norm"] = {"torch_us": 1e3 * bench(lambda: kernels.rms_norm(h + y, nw[0, 0], 1e-6)),
+                     "fused_us": 1e3 * bench(lambda: T.add_rms_norm(h, y, nw[0, 0], 1e-6))}
+    summary.append(f"router {r['router']}; add+norm {r['add_norm']}")
+    print(summary[-1], flush=True)
+
+    xz = torch.randn(1, 2 * E, dtype=BF, device="cuda")
+    conv_w, conv_b = torch.randn(E, 4, dtype=BF, device="cuda") * 0.3, torch.randn(E, dtype=BF, device="cuda")
+    x_proj = torch.randn(R + 2 * N, E, dtype=BF, device="cuda") * 0.02
+    dt_proj, dt_bias = torch.randn(E, R, dtype=BF, device="cuda") * 0.05, torch.randn(E, dtype=BF, device="cuda")
+    norms = [torch.ones(m, dtype=BF, device="cuda") for m in (R, N, N)]
+    A, D = -torch.exp(torch.randn(E, N, device="cuda")), torch.randn(E, dtype=BF, device="cuda")
+    conv0 = torch.randn(1, E, 3, dtype=BF, device="cuda")
+    ssm0 = torch.randn(1, E, N, device="cuda")
+
+    def chain(conv, ssm):
+        u, z = xz.chunk(2, dim=-1)
+        u = kernels.causal_conv1d_update(u, conv_w, conv_b, conv, "silu")
+        dt, Bm, Cm = F.linear(u, x_proj).split([R, N, N], dim=-1)
+        dt, Bm, Cm = (kernels.rms_norm(v, w, 1e-6) for v, w in zip((dt, Bm, Cm), norms))
+        return kernels.selective_state_update(ssm, u, F.linear(dt, dt_proj), A, Bm, Cm, D, z, dt_bias)
+
+    def fused(conv, ssm, cfg=None):
+        return T.mamba_step(xz, conv, conv_w, conv_b, x_proj, *norms, 1e-6, dt_proj, dt_bias, A, D, ssm, config=cfg)
+
+    ref_conv, ref_ssm = conv0.clone(), ssm0.clone()
+    ref = chain(ref_conv, ref_ssm)
+    res = {"torch_us": 1e3 * bench(lambda: chain(conv0.clone(), ssm0.clone())), "fused": {}}
+    for cfg in itertools.product((32, 64, 128, 256), (16, 32, 64)):
+        c, s = conv0.clone(), ssm0.clone()
+        try:
+            out = fused(c, s, cfg)
+            res["fused"][str(cfg)] = {"us": 1e3 * bench(lambda: fused(conv0.clone(), ssm0.clone(), cfg)),
+                                      "rel_err": rel(out, ref), "state_err": rel(s, ref_ssm),
+                                      "conv_equal": bool(torch.equal(c, ref_conv))}
+        except Exception as exc:
+            res["fused"][str(cfg)] = {"error": str(exc).splitlines()[0][:160]}
+    res["clone_us"] = 1e3 * bench(lambda: (conv0.clone(), ssm0.clone()))
+    ok = [(v["us"], c) for c, v in res["fused"].items() if "us" in v]
+    res["best"] = min(ok) if ok else None
+    r["mamba_step"] = res
+    summary.append(f"mamba step: chain {res['torch_us']:.1f} us, fused best {res['best']} "
+                   f"(both include {res['clone_us']:.1f} us of state clones)")
+    print(summary[-1], flush=True)
+    save()
+    print("\n".join(summary))
 
 
 class _E(torch.nn.Module):

@@ -44,11 +44,11 @@ def cuda_ops() -> SimpleNamespace | None:
         from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
         from mamba_ssm.ops.triton.selective_state_update import selective_state_update
 
-        from . import triton_ops
+        from . import triton_gemv, triton_ops
     except Exception:  # ImportError, or a build that does not match this torch/CUDA
         return None
     return SimpleNamespace(conv=causal_conv1d_fn, conv_update=causal_conv1d_update, scan=selective_scan_fn,
-                           state_update=selective_state_update, triton=triton_ops)
+                           state_update=selective_state_update, triton=triton_ops, gemv=triton_gemv)
 
 
 def on_cuda(x: torch.Tensor, differentiable: bool = False) -> SimpleNamespace | None:
@@ -71,6 +71,39 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * xf.to(x.dtype)  # cast back before the weight, as LlamaRMSNorm does
+
+
+# Route one-token bias-free linears through the Triton GEMV instead of cuBLAS (benchmarks/bench_kernels.py)
+GEMV_LINEARS = False
+
+
+def gemv_ops(x: torch.Tensor) -> SimpleNamespace | None:
+    """The kernels to run a bias-free linear on `x` with our GEMV, or None for the layer's own forward."""
+    return on_cuda(x) if GEMV_LINEARS and x.numel() == x.shape[-1] else None
+
+
+def add_rms_norm(h: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, eps: float):
+    """(h + y, RMSNorm(h + y)): a residual add and the next block's pre-norm, in one kernel on CUDA."""
+    ops = on_cuda(h)
+    if ops is not None:
+        return ops.triton.add_rms_norm(h, y, weight, eps)
+    total = h + y
+    return total, rms_norm(total, weight, eps)
+
+
+def moe_combine(y: torch.Tensor, order: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Expert outputs y (T·k, H), row i belonging to (token, slot) pair order[i], weighted by weights (T, k)
+    and summed per token -> (T, H); each term is rounded to the model dtype before the sum."""
+    t, k = weights.shape
+    ops = on_cuda(y)
+    if ops is not None:
+        slot = torch.empty_like(order)
+        slot[order] = torch.arange(order.numel(), device=order.device)  # where each pair's row is in y
+        return ops.triton.moe_combine(y, slot.view(t, k), weights)
+    y = y * weights.flatten()[order, None]
+    unsorted = torch.empty_like(y)
+    unsorted[order] = y
+    return unsorted.view(t, k, -1).sum(1)  # a sum per token, no atomics: deterministic
 
 
 def act_mul(act, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

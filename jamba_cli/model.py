@@ -34,6 +34,12 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return kernels.rms_norm(x, self.weight, self.eps)
 
+    def add_norm(self, h: torch.Tensor, y: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h + y, norm(h + y)); y None: (h, norm(h))."""
+        if y is None:
+            return h, self(h)
+        return kernels.add_rms_norm(h, y, self.weight, self.eps)
+
 
 class Attention(nn.Module):
     """Causal self-attention with grouped K/V heads and no positional encoding (Jamba uses NoPE)."""
@@ -49,9 +55,9 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cache: AttnCache | None, offset: int, mask: torch.Tensor | None,
                 key_mask: torch.Tensor | None = None, pos: torch.Tensor | None = None) -> torch.Tensor:
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, A, T, Dh)
-        k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)  # (B, G, T, Dh)
-        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        q = _linear(self.q_proj, x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, A, T, Dh)
+        k = _linear(self.k_proj, x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)  # (B, G, T, Dh)
+        v = _linear(self.v_proj, x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         gqa = self.n_kv != self.n_heads
         if cache is None:
             with _no_cudnn_attention():
@@ -78,7 +84,7 @@ class Attention(nn.Module):
                 with _no_cudnn_attention():
                     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                                          enable_gqa=gqa)
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+        return _linear(self.o_proj, out.transpose(1, 2).reshape(b, t, -1))
 
 
 def _no_cudnn_attention():
@@ -159,13 +165,22 @@ class MambaMixer(nn.Module):
 
     def _step(self, x: torch.Tensor, cache: MambaCache) -> torch.Tensor:
         """One decode step for x (B, 1, H): the conv and SSM states advance by one token."""
-        u, z = self.in_proj(x[:, 0]).chunk(2, dim=-1)  # (B, E) each
+        xz = _linear(self.in_proj, x[:, 0])  # (B, 2E)
+        ops = kernels.on_cuda(xz) if self.act in ("silu", "swish") and self.d_state & (self.d_state - 1) == 0 \
+            else None
+        if ops is not None:  # everything between in_proj and out_proj in two kernels
+            y = ops.triton.mamba_step(xz, cache.conv, self.conv1d.weight.squeeze(1), self.conv1d.bias,
+                                      self.x_proj.weight, self.dt_layernorm.weight, self.b_layernorm.weight,
+                                      self.c_layernorm.weight, self.dt_layernorm.eps, self.dt_proj.weight,
+                                      self.dt_proj.bias, self.neg_A(), self.D, cache.ssm)
+            return _linear(self.out_proj, y).unsqueeze(1)
+        u, z = xz.chunk(2, dim=-1)  # (B, E) each
         u = kernels.causal_conv1d_update(u, self.conv1d.weight.squeeze(1), self.conv1d.bias, cache.conv, self.act)
         dt, Bm, Cm = self.x_proj(u).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = F.linear(self.dt_layernorm(dt), self.dt_proj.weight)  # (B, E); the bias is added in fp32
         y = kernels.selective_state_update(cache.ssm, u, delta, self.neg_A(),
                                            self.b_layernorm(Bm), self.c_layernorm(Cm), self.D, z, self.dt_proj.bias)
-        return self.out_proj(y).unsqueeze(1)  # (B, 1, H)
+        return _linear(self.out_proj, y).unsqueeze(1)  # (B, 1, H)
 
 
 class MLP(nn.Module):
@@ -177,6 +192,11 @@ class MLP(nn.Module):
         self.act = kernels.ACT[cfg.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ops = kernels.on_cuda(x) if self.act is F.silu and x.numel() == x.shape[-1] else None
+        if ops is not None and all(type(m) is nn.Linear for m in (self.gate_proj, self.up_proj, self.down_proj)):
+            # one token: gate, up and SwiGLU in one GEMV kernel, down in another
+            return ops.gemv.swiglu_mlp(x.reshape(1, -1), self.gate_proj.weight, self.up_proj.weight,
+                                       self.down_proj.weight).view_as(x)
         return self.down_proj(kernels.act_mul(self.act, self.gate_proj(x), self.up_proj(x)))
 
 
@@ -195,7 +215,9 @@ class Experts(nn.Module):
         ops = kernels.on_cuda(x) if self.act is F.silu else None
         if ops is not None:  # no host sync: both paths can be captured in a CUDA graph
             if idx.numel() <= 16:  # up to batch 8 the GEMVs beat grouped GEMM (benchmarks/bench_kernels.py)
-                return ops.triton.moe_decode(x, self.gate_up_proj, self.down_proj, idx, w)
+                i = self.down_proj.shape[-1]
+                return ops.gemv.swiglu_mlp(x, self.gate_up_proj[:, :i], self.gate_up_proj[:, i:], self.down_proj,
+                                           idx, w)
             if x.dtype == torch.bfloat16:  # the grouped GEMM kernel is bf16-only
                 return self._grouped(x, idx, w)
         return self.per_expert(x, idx, w)
@@ -222,13 +244,10 @@ class Experts(nn.Module):
         counts = torch.zeros(self.gate_up_proj.shape[0], dtype=torch.long, device=x.device)
         counts.scatter_add_(0, flat, torch.ones_like(flat))
         offs = counts.cumsum(0).to(torch.int32)  # end row of each expert's group
-        rows = x[order // k]  # (T·k, H)
+        rows = x.index_select(0, order // k)  # (T·k, H)
         gate, up = torch._grouped_mm(rows, self.gate_up_proj.transpose(1, 2), offs=offs).chunk(2, dim=-1)
         y = torch._grouped_mm(kernels.act_mul(self.act, gate, up), self.down_proj.transpose(1, 2), offs=offs)
-        y = y * w.flatten()[order, None]
-        unsorted = torch.empty_like(y)
-        unsorted[order] = y
-        return unsorted.view(t, k, -1).sum(1)  # a sum per token, no atomics: deterministic
+        return kernels.moe_combine(y, order, w)
 
 
 class SparseMoE(nn.Module):
@@ -241,13 +260,21 @@ class SparseMoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, h = x.shape
         xt = x.reshape(-1, h)  # (B·T, H)
+        ops = kernels.on_cuda(xt) if xt.shape[0] <= 8 and type(self.router) is nn.Linear else None
+        if ops is not None:  # router GEMV, softmax and top-k in one kernel
+            idx, w = ops.gemv.route(xt, self.router.weight, self.top_k)
+            return self.experts(xt, idx, w).view(b, t, h)
         probs = F.softmax(self.router(xt), dim=-1, dtype=torch.float32)  # over all X experts
         w, idx = torch.topk(probs, self.top_k, dim=-1)  # (B·T, k); not renormalised, unlike Mixtral
         return self.experts(xt, idx, w.to(x.dtype)).view(b, t, h)
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm block: (attention or Mamba) then (MoE or dense MLP), each with a residual."""
+    """Pre-norm block: (attention or Mamba) then (MoE or dense MLP), each with a residual.
+
+    A layer hands its feed-forward output on un-added: the next layer adds it to the residual stream and
+    normalises in one kernel (`RMSNorm.add_norm`), which saves a launch per block in a decode step.
+    """
 
     def __init__(self, cfg: JambaConfig, i: int):
         super().__init__()
@@ -260,16 +287,17 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.pre_ff_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, h: torch.Tensor, cache: AttnCache | MambaCache | None, offset: int,
-                attn_mask: torch.Tensor | None, pad_mask: torch.Tensor | None,
-                key_mask: torch.Tensor | None = None, pos: torch.Tensor | None = None) -> torch.Tensor:
-        x = self.input_layernorm(h)
+    def forward(self, h: torch.Tensor, pending: torch.Tensor | None, cache: AttnCache | MambaCache | None,
+                offset: int, attn_mask: torch.Tensor | None, pad_mask: torch.Tensor | None,
+                key_mask: torch.Tensor | None = None, pos: torch.Tensor | None = None):
+        """(h, pending) -> (h', pending'): the residual stream is h + pending before and h' + pending' after."""
+        h, x = self.input_layernorm.add_norm(h, pending)
         if self.is_attn:
             x = self.self_attn(x, cache, offset, attn_mask, key_mask, pos)
         else:
             x = self.mamba(x, cache, offset, pad_mask)
-        h = h + x
-        return h + self.feed_forward(self.pre_ff_layernorm(h))
+        h, x = self.pre_ff_layernorm.add_norm(h, x)
+        return h, self.feed_forward(x)
 
 
 class JambaModel(nn.Module):
@@ -322,20 +350,22 @@ class JambaForCausalLM(nn.Module):
             key_mask = cache.key_mask if pos is not None else \
                 None if cache.key_mask is None else cache.key_mask[:, :offset + t]
         attn_mask = None if t == 1 else _attention_mask(t, offset, key_mask, input_ids.device)
-        h = self.model.embed_tokens(input_ids)  # (B, T, H); no position embedding
+        h, pending = self.model.embed_tokens(input_ids), None  # (B, T, H); no position embedding
         for i, layer in enumerate(self.model.layers):
-            h = h.to(layer.input_layernorm.weight.device)  # a model split over devices
+            dev = layer.input_layernorm.weight.device  # a model split over devices
+            h, pending = _on(h, dev), _on(pending, dev)
             lc = cache.layers[i] if cache is not None else None
-            h = layer(h, lc, offset, _on(attn_mask, h.device), _on(pad_mask, h.device), _on(key_mask, h.device),
-                      _on(pos, h.device))
+            h, pending = layer(h, pending, lc, offset, _on(attn_mask, dev), _on(pad_mask, dev), _on(key_mask, dev),
+                               _on(pos, dev))
         if cache is not None:
             cache.offset += t
             if pos is not None:
                 pos.add_(t)  # on the device, so a replayed CUDA graph advances it too
-        h = self.model.final_layernorm(_on(h, self.model.final_layernorm.weight.device))
         if last_only:
-            h = h[:, -1:]
-        return _on(self.lm_head(_on(h, self.lm_head.weight.device)), caller_device)
+            h, pending = h[:, -1:], pending[:, -1:]
+        dev = self.model.final_layernorm.weight.device
+        h = self.model.final_layernorm.add_norm(_on(h, dev), _on(pending, dev))[1]
+        return _on(_linear(self.lm_head, _on(h, self.lm_head.weight.device)), caller_device)
 
 
 def _attention_mask(t: int, offset: int, key_mask: torch.Tensor | None, device) -> torch.Tensor | None:
@@ -349,6 +379,12 @@ def _attention_mask(t: int, offset: int, key_mask: torch.Tensor | None, device) 
     # a padding query attends to itself alone, so its row is never empty (no NaN)
     allowed = (k_pos <= q_pos) & (key_mask.to(device)[:, None, :] | (k_pos == q_pos))  # (B, T, S)
     return allowed.unsqueeze(1)
+
+
+def _linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    # one token on CUDA may take our GEMV (kernels.GEMV_LINEARS); quantized layers never do
+    ops = kernels.gemv_ops(x) if type(layer) is nn.Linear and layer.bias is None else None
+    return layer(x) if ops is None else ops.gemv.gemv(x, layer.weight)
 
 
 def _on(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:

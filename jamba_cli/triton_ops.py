@@ -1,4 +1,5 @@
-"""Fused Triton kernels for the CUDA path: RMSNorm, and MoE decode GEMVs that read only the chosen experts.
+"""Fused Triton kernels for the CUDA path: RMSNorm (with the residual add), SwiGLU, and Mamba's decode step
+and resumed-prefill correction. The decode-step GEMVs are in `triton_gemv.py`.
 
 Only imported when the model runs on CUDA and Triton is installed (`kernels.py` decides). Each kernel
 mirrors the rounding of the PyTorch code it replaces: fp32 arithmetic, a cast to the model dtype wherever
@@ -23,6 +24,33 @@ def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, n_cols, x_row_stride, out_row_stride
     y = (x * rstd).to(out_ptr.dtype.element_ty).to(tl.float32)  # cast back, then weight (LlamaRMSNorm)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + row * out_row_stride + cols, (w * y).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _add_rms_norm_kernel(h_ptr, y_ptr, w_ptr, sum_ptr, out_ptr, n_cols, eps, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    dt = out_ptr.dtype.element_ty
+    h = tl.load(h_ptr + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+    y = tl.load(y_ptr + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+    s = (h + y).to(dt)  # the residual stream, rounded as `h + y` is
+    tl.store(sum_ptr + row * n_cols + cols, s, mask=mask)
+    x = s.to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(x * x, axis=0) / n_cols + eps)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * n_cols + cols, (w * (x * rstd).to(dt).to(tl.float32)).to(dt), mask=mask)
+
+
+def add_rms_norm(h: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, eps: float):
+    """(h + y, RMSNorm(h + y)) in one pass: a residual add and the next block's pre-norm."""
+    d = h.shape[-1]
+    h, y = h.contiguous(), y.contiguous()
+    total, out = torch.empty_like(h), torch.empty_like(h)
+    if h.numel():
+        _add_rms_norm_kernel[(h.numel() // d,)](h, y, weight, total, out, d, eps, BLOCK=triton.next_power_of_2(d),
+                                                num_warps=4 if d <= 4096 else 8)
+    return total, out
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -64,79 +92,28 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def _moe_gate_up_kernel(x_ptr, w_ptr, idx_ptr, out_ptr, H, I, stride_we, stride_wn,
-                        TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    # one (token, slot) pair and BLOCK_N rows of its expert's gate and up projections
-    pair = tl.program_id(0)
-    rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    expert = tl.load(idx_ptr + pair).to(tl.int64)
-    x_row = x_ptr + (pair // TOP_K) * H
-    w = w_ptr + expert * stride_we + rows[:, None].to(tl.int64) * stride_wn
-    row_ok = rows[:, None] < I
-    gate = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    up = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for k0 in range(0, H, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        ok = row_ok & (cols[None, :] < H)
-        xk = tl.load(x_row + cols, mask=cols < H, other=0.0).to(tl.float32)[None, :]
-        gate += tl.sum(tl.load(w + cols[None, :], mask=ok, other=0.0).to(tl.float32) * xk, axis=1)
-        up += tl.sum(tl.load(w + I * stride_wn + cols[None, :], mask=ok, other=0.0).to(tl.float32) * xk, axis=1)
+def _moe_combine_kernel(y_ptr, slot_ptr, w_ptr, out_ptr, H, TOP_K: tl.constexpr, BLOCK: tl.constexpr):
+    token = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < H
     dt = out_ptr.dtype.element_ty
-    gate = gate.to(dt).to(tl.float32)
-    act = (gate / (1.0 + tl.exp(-gate))).to(dt).to(tl.float32)  # silu in the model dtype
-    tl.store(out_ptr + pair * I + rows, (act * up.to(dt).to(tl.float32)).to(dt), mask=rows < I)
-
-
-@triton.jit
-def _moe_down_kernel(h_ptr, w_ptr, idx_ptr, wt_ptr, out_ptr, H, I, stride_we, stride_wn,
-                     TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    # one token and BLOCK_N output features, summed over its TOP_K experts (no atomics: deterministic)
-    token = tl.program_id(0)
-    rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    dt = out_ptr.dtype.element_ty
-    total = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    total = tl.zeros((BLOCK,), dtype=tl.float32)
     for j in tl.static_range(TOP_K):
-        pair = token * TOP_K + j
-        expert = tl.load(idx_ptr + pair).to(tl.int64)
-        weight = tl.load(wt_ptr + pair).to(tl.float32)
-        w = w_ptr + expert * stride_we + rows[:, None].to(tl.int64) * stride_wn
-        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        for k0 in range(0, I, BLOCK_K):
-            cols = k0 + tl.arange(0, BLOCK_K)
-            ok = (rows[:, None] < H) & (cols[None, :] < I)
-            hk = tl.load(h_ptr + pair * I + cols, mask=cols < I, other=0.0).to(tl.float32)[None, :]
-            acc += tl.sum(tl.load(w + cols[None, :], mask=ok, other=0.0).to(tl.float32) * hk, axis=1)
-        total += (acc.to(dt).to(tl.float32) * weight).to(dt).to(tl.float32)
-    tl.store(out_ptr + token * H + rows, total.to(dt), mask=rows < H)
+        row = tl.load(slot_ptr + token * TOP_K + j).to(tl.int64)
+        y = tl.load(y_ptr + row * H + cols, mask=mask, other=0.0).to(tl.float32)
+        total += (y * tl.load(w_ptr + token * TOP_K + j).to(tl.float32)).to(dt).to(tl.float32)
+    tl.store(out_ptr + token * H + cols, total.to(dt), mask=mask)
 
 
-# (BLOCK_N, BLOCK_K, num_warps, num_stages), chosen by benchmarks/bench_kernels.py on an H200:
-# 3.56 and 3.34 TB/s of expert weights read at batch 1 (GEMV ceiling there: 4.08 TB/s)
-GATE_UP_CONFIG = (8, 128, 4, 4)
-DOWN_CONFIG = (8, 512, 4, 4)
-
-
-def moe_decode(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, idx: torch.Tensor,
-               weights: torch.Tensor, gate_up_config=None, down_config=None) -> torch.Tensor:
-    """SwiGLU experts for a few tokens: x (T, H), gate_up (X, 2I, H), down (X, H, I), idx/weights (T, k).
-
-    Reads each chosen expert's rows in place (no gathered copy of expert weights), so a decode step
-    costs the bytes of k experts per token and nothing else.
-    """
-    t, h = x.shape
-    k = idx.shape[1]
-    i = down.shape[2]
-    x = x.contiguous()
-    act = torch.empty(t * k, i, dtype=x.dtype, device=x.device)
-    bn, bk, warps, stages = gate_up_config or GATE_UP_CONFIG
-    _moe_gate_up_kernel[(t * k, triton.cdiv(i, bn))](
-        x, gate_up, idx.contiguous(), act, h, i, gate_up.stride(0), gate_up.stride(1),
-        TOP_K=k, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
-    out = torch.empty(t, h, dtype=x.dtype, device=x.device)
-    bn, bk, warps, stages = down_config or DOWN_CONFIG
-    _moe_down_kernel[(t, triton.cdiv(h, bn))](
-        act, down, idx.contiguous(), weights.contiguous(), out, h, i, down.stride(0), down.stride(1),
-        TOP_K=k, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+def moe_combine(y: torch.Tensor, slot: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """out[t] = sum_j weights[t, j] * y[slot[t, j]]: expert outputs y (T·k, H) in expert order back to
+    tokens (T, H), each term rounded to the model dtype before the sum, as the unfused ops round."""
+    t, k = slot.shape
+    h = y.shape[1]
+    out = torch.empty(t, h, dtype=y.dtype, device=y.device)
+    block = 1024
+    _moe_combine_kernel[(t, triton.cdiv(h, block))](y.contiguous(), slot.contiguous(), weights.contiguous(), out,
+                                                     h, TOP_K=k, BLOCK=block, num_warps=4)
     return out
 
 
@@ -180,3 +157,118 @@ def add_initial_state(y0: torch.Tensor, z: torch.Tensor, cum: torch.Tensor, A: t
                                 *y0.stride(), *z.stride(), *Cm.stride(), N=n, BLOCK_E=block_e, BLOCK_T=block_t,
                                 num_warps=4)
     return out
+
+
+@triton.jit
+def _mamba_conv_xproj_kernel(xz_ptr, state_ptr, cw_ptr, cb_ptr, xw_ptr, u_ptr, part_ptr, E, RT, stride_xz,
+                             K: tl.constexpr, KP: tl.constexpr, HAS_BIAS: tl.constexpr,
+                             BLOCK_E: tl.constexpr, BLOCK_R: tl.constexpr):
+    # BLOCK_E channels of one sequence: the conv step (state shifts by one), then this slice's share of
+    # x_proj, a partial sum over its channels (the next kernel adds the slices up in a fixed order)
+    blk = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    es = blk * BLOCK_E + tl.arange(0, BLOCK_E)
+    e_ok = es < E
+    js = tl.arange(0, KP)
+    new = tl.load(xz_ptr + b * stride_xz + es, mask=e_ok, other=0.0)  # (BLOCK_E,) this token's conv input
+    st = state_ptr + b * E * (K - 1) + es[:, None] * (K - 1) + js[None, :]
+    window = tl.load(st, mask=e_ok[:, None] & (js[None, :] < K - 1), other=0.0)  # (BLOCK_E, KP)
+    window = tl.where(js[None, :] == K - 1, new[:, None].to(window.dtype), window)
+    shifted = tl.load(st + 1, mask=e_ok[:, None] & (js[None, :] < K - 2), other=0.0)
+    shifted = tl.where(js[None, :] == K - 2, new[:, None].to(shifted.dtype), shifted)
+    tl.store(st, shifted, mask=e_ok[:, None] & (js[None, :] < K - 1))
+    w = tl.load(cw_ptr + es[:, None] * K + js[None, :], mask=e_ok[:, None] & (js[None, :] < K), other=0.0)
+    y = tl.sum(window.to(tl.float32) * w.to(tl.float32), axis=1)
+    if HAS_BIAS:
+        y += tl.load(cb_ptr + es, mask=e_ok, other=0.0).to(tl.float32)
+    u = (y / (1.0 + tl.exp(-y))).to(u_ptr.dtype.element_ty)  # silu in fp32, stored in the model dtype
+    tl.store(u_ptr + b * E + es, u, mask=e_ok)
+    uf = u.to(tl.float32)
+    part = part_ptr + (b * tl.num_programs(0) + blk) * RT
+    for r0 in range(0, RT, BLOCK_R):
+        rs = r0 + tl.arange(0, BLOCK_R)
+        xw = tl.load(xw_ptr + rs[:, None] * E + es[None, :], mask=(rs[:, None] < RT) & e_ok[None, :], other=0.0)
+        tl.store(part + rs, tl.sum(xw.to(tl.float32) * uf[None, :], axis=1), mask=rs < RT)
+
+
+@triton.jit
+def _rms(x, w_ptr, n, eps, OK, dt):
+    # RMSNorm of an fp32 vector whose masked-off entries are 0, rounded as the RMSNorm module rounds
+    rstd = tl.rsqrt(tl.sum(x * x, axis=0) / n + eps)
+    w = tl.load(w_ptr, mask=OK, other=0.0).to(tl.float32)
+    return (w * (x * rstd).to(dt).to(tl.float32)).to(dt).to(tl.float32)
+
+
+@triton.jit
+def _mamba_ssm_step_kernel(part_ptr, NP, dtn_ptr, bn_ptr, cn_ptr, eps, dtw_ptr, dtb_ptr, a_ptr, d_ptr,
+                           u_ptr, z_ptr, stride_z, h_ptr, y_ptr, E,
+                           R: tl.constexpr, N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
+                           BLOCK_E: tl.constexpr):
+    # BLOCK_E channels of one sequence: x_proj's slices summed -> dt/B/C norms -> dt_proj -> state update
+    blk = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    dt = y_ptr.dtype.element_ty
+    RT = R + 2 * N
+    rs = tl.arange(0, BLOCK_R)
+    ns = tl.arange(0, N)
+    acc_dt = tl.zeros((BLOCK_P, BLOCK_R), dtype=tl.float32)
+    acc_b = tl.zeros((BLOCK_P, N), dtype=tl.float32)
+    acc_c = tl.zeros((BLOCK_P, N), dtype=tl.float32)
+    for p0 in range(0, NP, BLOCK_P):
+        ps = p0 + tl.arange(0, BLOCK_P)
+        row = part_ptr + (b * NP + ps[:, None]) * RT
+        p_ok = ps[:, None] < NP
+        acc_dt += tl.load(row + rs[None, :], mask=p_ok & (rs[None, :] < R), other=0.0)
+        acc_b += tl.load(row + R + ns[None, :], mask=p_ok, other=0.0)
+        acc_c += tl.load(row + R + N + ns[None, :], mask=p_ok, other=0.0)
+    # x_proj's output is a tensor in the model dtype, then each piece is normalised
+    x_dt = _rms(tl.sum(acc_dt, axis=0).to(dt).to(tl.float32), dtn_ptr + rs, R, eps, rs < R, dt)
+    x_b = _rms(tl.sum(acc_b, axis=0).to(dt).to(tl.float32), bn_ptr + ns, N, eps, ns < N, dt)
+    x_c = _rms(tl.sum(acc_c, axis=0).to(dt).to(tl.float32), cn_ptr + ns, N, eps, ns < N, dt)
+    es = blk * BLOCK_E + tl.arange(0, BLOCK_E)
+    e_ok = es < E
+    wdt = tl.load(dtw_ptr + es[:, None] * R + rs[None, :], mask=e_ok[:, None] & (rs[None, :] < R), other=0.0)
+    delta = tl.sum(wdt.to(tl.float32) * x_dt[None, :], axis=1).to(dt).to(tl.float32)  # dt_proj, bias apart
+    delta += tl.load(dtb_ptr + es, mask=e_ok, other=0.0).to(tl.float32)
+    delta = tl.where(delta <= 20.0, tl.log(1.0 + tl.exp(delta)), delta)  # softplus
+    u = tl.load(u_ptr + b * E + es, mask=e_ok, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + b * stride_z + es, mask=e_ok, other=0.0).to(tl.float32)
+    en = es[:, None] * N + ns[None, :]
+    a = tl.load(a_ptr + en, mask=e_ok[:, None], other=0.0)
+    h = tl.load(h_ptr + b * E * N + en, mask=e_ok[:, None], other=0.0)
+    h = h * tl.exp(a * delta[:, None]) + x_b[None, :] * delta[:, None] * u[:, None]
+    tl.store(h_ptr + b * E * N + en, h, mask=e_ok[:, None])
+    y = tl.sum(h * x_c[None, :], axis=1) + u * tl.load(d_ptr + es, mask=e_ok, other=0.0).to(tl.float32)
+    y = y * (z / (1.0 + tl.exp(-z)))
+    tl.store(y_ptr + b * E + es, y.to(dt), mask=e_ok)
+
+
+# (conv+x_proj channels per program, state-update channels per program), from benchmarks/bench_kernels.py
+MAMBA_STEP_CONFIG = (128, 32)
+
+
+def mamba_step(xz: torch.Tensor, conv_state: torch.Tensor, conv_w: torch.Tensor, conv_b: torch.Tensor | None,
+               x_proj: torch.Tensor, dt_norm: torch.Tensor, b_norm: torch.Tensor, c_norm: torch.Tensor, eps: float,
+               dt_proj: torch.Tensor, dt_bias: torch.Tensor, A: torch.Tensor, D: torch.Tensor,
+               ssm_state: torch.Tensor, config=None) -> torch.Tensor:
+    """Mamba's decode step between in_proj and out_proj in two kernels: xz (B, 2E) -> y (B, E).
+
+    Conv (silu), x_proj, the dt/B/C RMSNorms, dt_proj, softplus and the selective state update; the conv
+    state (B, E, K-1) and SSM state (B, E, N) fp32 advance in place. Equal to that chain of PyTorch ops up
+    to fp32 summation order.
+    """
+    b, e = xz.shape[0], xz.shape[1] // 2
+    k, rt, n = conv_w.shape[-1], x_proj.shape[0], A.shape[1]
+    be1, be2 = config or MAMBA_STEP_CONFIG
+    np_ = triton.cdiv(e, be1)
+    u = torch.empty(b, e, dtype=xz.dtype, device=xz.device)
+    part = torch.empty(b, np_, rt, dtype=torch.float32, device=xz.device)
+    _mamba_conv_xproj_kernel[(np_, b)](xz, conv_state, conv_w, conv_b if conv_b is not None else conv_w, x_proj,
+                                       u, part, e, rt, xz.stride(0), K=k, KP=triton.next_power_of_2(k),
+                                       HAS_BIAS=conv_b is not None, BLOCK_E=be1, BLOCK_R=32, num_warps=4)
+    y = torch.empty(b, e, dtype=xz.dtype, device=xz.device)
+    r = rt - 2 * n
+    _mamba_ssm_step_kernel[(triton.cdiv(e, be2), b)](
+        part, np_, dt_norm, b_norm, c_norm, eps, dt_proj, dt_bias, A, D, u, xz[:, e:], xz.stride(0), ssm_state, y, e,
+        R=r, N=n, BLOCK_R=triton.next_power_of_2(r), BLOCK_P=16, BLOCK_E=be2, num_warps=4)
+    return y

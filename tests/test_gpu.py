@@ -76,11 +76,14 @@ def test_chunked_prompt_equals_whole_on_kernel_path(fp32, cuts):
     assert _rel(parts, whole) < 1e-4
 
 
-def test_decode_equals_whole_prompt_on_kernel_path(fp32):
-    ids = _ids(2, 40, 1)
+@pytest.mark.parametrize("batch, gemv_linears", [(2, False), (1, False), (1, True)])
+def test_decode_equals_whole_prompt_on_kernel_path(fp32, batch, gemv_linears, monkeypatch):
+    # batch 1 takes the one-token kernels (fused dense MLP, optionally our GEMV for every linear)
+    monkeypatch.setattr(kernels, "GEMV_LINEARS", gemv_linears)
+    ids = _ids(batch, 40, 1)
     with torch.no_grad():
         whole = fp32(ids)
-        cache = make_cache(fp32.config, 2, dtype=torch.float32, device="cuda")
+        cache = make_cache(fp32.config, batch, dtype=torch.float32, device="cuda")
         steps = [fp32(ids[:, :20], cache)] + [fp32(ids[:, t:t + 1], cache) for t in range(20, 40)]
     assert _rel(torch.cat(steps, 1), whole) < 1e-4
 
@@ -119,7 +122,10 @@ def test_moe_kernels_agree(bf16):
             loop = experts(x, idx, w)
         finally:
             kernels.use("auto")
-        assert _rel(ops.triton.moe_decode(x, experts.gate_up_proj, experts.down_proj, idx, w), loop) < 1e-2
+        i = experts.down_proj.shape[-1]
+        fused = ops.gemv.swiglu_mlp(x, experts.gate_up_proj[:, :i], experts.gate_up_proj[:, i:], experts.down_proj,
+                                    idx, w)
+        assert _rel(fused, loop) < 1e-2
         assert _rel(experts._grouped(x, idx, w), loop) < 1e-2
 
 
