@@ -26,14 +26,13 @@ import triton.language as tl
 def _split_kernel(q_ptr, kn_ptr, vn_ptr, k_ptr, v_ptr, pos_ptr, mask_ptr, m_ptr, l_ptr, acc_ptr,
                   G, D, n_splits, scale, sq_b, sq_a, skn_b, skn_g, svn_b, svn_g,
                   sk_b, sk_g, sk_s, sv_b, sv_g, sv_s, smask_b,
-                  HPG: tl.constexpr, HAS_MASK: tl.constexpr, IEEE: tl.constexpr,
+                  HPG: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr,
                   BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
     bg = tl.program_id(0)
     split = tl.program_id(1)
     b = (bg // G).to(tl.int64)
     g = (bg % G).to(tl.int64)
     dt = k_ptr.dtype.element_ty
-    prec: tl.constexpr = "ieee" if IEEE else "tf32"  # bf16/fp16 dots ignore it; fp32 ones match torch's
     pos = tl.load(pos_ptr).to(tl.int64)
     hs = tl.arange(0, BLOCK_H)  # query heads g·HPG ... of this group, padded to a dot-friendly size
     ds = tl.arange(0, BLOCK_D)
@@ -65,7 +64,7 @@ def _split_kernel(q_ptr, kn_ptr, vn_ptr, k_ptr, v_ptr, pos_ptr, mask_ptr, m_ptr,
         new = (ss == pos)[:, None]
         k = tl.where(new, kn[None, :], k)
         v = tl.where(new, vn[None, :], v)
-        s = tl.dot(q, tl.trans(k), input_precision=prec)  # (BLOCK_H, BLOCK_S), fp32
+        s = tl.dot(q, tl.trans(k), input_precision=PREC)  # (BLOCK_H, BLOCK_S), fp32
         s = (s.to(dt).to(tl.float32) * scale).to(dt).to(tl.float32)
         ok = s_ok
         if HAS_MASK:
@@ -76,7 +75,7 @@ def _split_kernel(q_ptr, kn_ptr, vn_ptr, k_ptr, v_ptr, pos_ptr, mask_ptr, m_ptr,
         alpha = tl.exp(m_i - m_ref)
         p = tl.exp(s - m_ref[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(dt), v, input_precision=prec)
+        acc = acc * alpha[:, None] + tl.dot(p.to(dt), v, input_precision=PREC)
         m_i = m_new
     rows = (b * G + g) * HPG + hs  # query head index over (B, A)
     tl.store(m_ptr + rows * n_splits + split, m_i, mask=h_ok)
@@ -159,7 +158,8 @@ def decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, 
         cache_k.stride(0), cache_k.stride(1), cache_k.stride(2),
         cache_v.stride(0), cache_v.stride(1), cache_v.stride(2),
         key_mask.stride(0) if key_mask is not None else 0,
-        HPG=hpg, HAS_MASK=key_mask is not None, IEEE=q.dtype == torch.float32,
+        HPG=hpg, HAS_MASK=key_mask is not None,
+        PREC="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 dots exact, as torch's matmul is
         BLOCK_H=max(16, triton.next_power_of_2(hpg)), BLOCK_S=block_s, BLOCK_D=block_d,
         num_warps=warps, num_stages=stages)
     out = torch.empty(b, a, d, dtype=q.dtype, device=q.device)
