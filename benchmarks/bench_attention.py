@@ -1,0 +1,148 @@
+"""Decode-step attention over a static cache: the model's PyTorch path vs the fused Triton kernels (one GPU).
+
+    python benchmarks/bench_attention.py --out attn.json
+
+Jamba-Mini's attention shape (A=32 query heads, G=8 K/V heads, Dh=128, bf16) at batch 1 and 8, with
+positions 2047 and 65535 cached. Both paths are captured in CUDA graphs, as the decode step is. The
+PyTorch path is model.Attention's static-cache branch (index_copy_ x2, arange <= pos mask,
+_decode_attention). For each case: time of each path, a sweep of Triton configs, the error of both paths
+against an fp32 computation on the same inputs, and a replay of the captured graph after pos moved.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+import triton.testing
+
+from jamba_cli import triton_attention
+from jamba_cli.model import _decode_attention
+
+A, G, D = 32, 8, 128
+CONFIGS = [(16, 4, 3, 8), (32, 4, 2, 4), (32, 4, 3, 4), (64, 4, 2, 4), (64, 4, 3, 4), (64, 4, 2, 2),
+           (64, 4, 2, 8), (64, 8, 2, 4), (128, 4, 2, 4), (128, 4, 3, 4), (128, 8, 2, 4), (128, 8, 3, 4)]
+L2_BYTES = 120 << 20  # more than an H200's L2: rotating over this much K/V keeps it from serving the reads
+
+
+def graph_ms(fns) -> float:
+    """Median ms per call of the fns, all replayed from one CUDA graph."""
+    for fn in fns:
+        fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for fn in fns:
+            fn()
+    return triton.testing.do_bench(g.replay, warmup=10, rep=50, return_mode="median") / len(fns)
+
+
+def torch_path(q, k, v, ck, cv, pos, key_mask):
+    ck.index_copy_(2, pos, k[:, :, None])
+    cv.index_copy_(2, pos, v[:, :, None])
+    valid = torch.arange(ck.shape[2], device=q.device) <= pos
+    return _decode_attention(q[:, :, None], ck, cv, valid if key_mask is None else valid & key_mask)[:, :, 0]
+
+
+def fp32_reference(q, k, v, ck, cv, p, key_mask):
+    kk, vv = ck[:, :, :p + 1].float().clone(), cv[:, :, :p + 1].float().clone()
+    kk[:, :, p], vv[:, :, p] = k.float(), v.float()
+    valid = None if key_mask is None else key_mask[:, :p + 1]
+    return _decode_attention(q.float()[:, :, None], kk, vv, valid)[:, :, 0]
+
+
+def rel(x, ref) -> float:
+    return ((x.float() - ref).norm() / ref.norm()).item()
+
+
+def run_case(b: int, p: int) -> dict:
+    cap = p + 1 + 1024
+    set_bytes = 2 * b * G * cap * D * 2
+    sets = max(1, min(8, -(-L2_BYTES // set_bytes)))
+    gen = torch.Generator(device="cuda").manual_seed(b * 100003 + p)
+    dev, dt = "cuda", torch.bfloat16
+    caches = [(torch.randn(b, G, cap, D, device=dev, generator=gen).to(dt),
+               torch.randn(b, G, cap, D, device=dev, generator=gen).to(dt)) for _ in range(sets)]
+    q = torch.randn(b, A, D, device=dev, generator=gen).to(dt)
+    k, v = (torch.randn(b, G, D, device=dev, generator=gen).to(dt) for _ in range(2))
+    pos = torch.tensor([p], device=dev)
+    key_mask = torch.rand(b, cap, device=dev, generator=gen) > 0.1
+    key_mask[:, p] = True
+    read_bytes = 2 * b * G * (p + 1) * D * 2  # K and V rows 0..pos
+    res = {"batch": b, "pos": p, "capacity": cap, "sets": sets, "kv_bytes_read": read_bytes}
+
+    ref32 = fp32_reference(q, k, v, *caches[0], p, None)
+    out_torch = torch_path(q, k, v, *caches[0], pos, None)
+    res["torch_ms"] = graph_ms([lambda c=c: torch_path(q, k, v, *c, pos, None) for c in caches])
+    res["torch_rel_err_vs_fp32"] = rel(out_torch, ref32)
+    sweep = {}
+    for cfg in CONFIGS:
+        try:
+            out = triton_attention.decode_attention(q, k, v, *caches[0], pos, config=cfg)
+            ms = graph_ms([lambda c=c: triton_attention.decode_attention(q, k, v, *c, pos, config=cfg)
+                           for c in caches])
+            sweep[str(cfg)] = {"ms": ms, "tb_s": read_bytes / ms / 1e9, "rel_err_vs_torch": rel(out, out_torch.float()),
+                               "rel_err_vs_fp32": rel(out, ref32)}
+        except Exception as exc:  # a config Triton cannot compile for this GPU
+            sweep[str(cfg)] = {"error": str(exc).splitlines()[0][:200]}
+    res["triton_sweep"] = sweep
+    best = min((s["ms"], c) for c, s in sweep.items() if "ms" in s)[1]
+    default = str(triton_attention.CONFIG)
+    res["triton_best"] = {"config": best, **sweep[best]}
+    if default in sweep:
+        res["triton_default"] = {"config": default, **sweep[default]}
+
+    # with left-padding mask, best config
+    cfg = tuple(int(x) for x in best.strip("()").split(","))
+    ref32 = fp32_reference(q, k, v, *caches[0], p, key_mask)
+    out_torch = torch_path(q, k, v, *caches[0], pos, key_mask)
+    out = triton_attention.decode_attention(q, k, v, *caches[0], pos, key_mask, config=cfg)
+    res["masked"] = {
+        "torch_ms": graph_ms([lambda c=c: torch_path(q, k, v, *c, pos, key_mask) for c in caches]),
+        "triton_ms": graph_ms([lambda c=c: triton_attention.decode_attention(q, k, v, *c, pos, key_mask, config=cfg)
+                               for c in caches]),
+        "rel_err_vs_torch": rel(out, out_torch.float()), "torch_rel_err_vs_fp32": rel(out_torch, ref32),
+        "triton_rel_err_vs_fp32": rel(out, ref32)}
+
+    # the captured graph replayed after pos moved back: it must read pos on the device
+    ck, cv = caches[0]
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out_graph = triton_attention.decode_attention(q, k, v, ck, cv, pos, config=cfg)
+    p2 = p - 700
+    pos.fill_(p2)
+    ck[:, :, p2], cv[:, :, p2] = 0, 0
+    g.replay()
+    written = bool(torch.equal(ck[:, :, p2], k) and torch.equal(cv[:, :, p2], v))
+    res["replay_at_moved_pos"] = {"pos": p2, "cache_row_written": written,
+                                  "rel_err_vs_torch": rel(out_graph, torch_path(q, k, v, ck, cv, pos, None).float())}
+    pos.fill_(p)
+    del caches
+    torch.cuda.empty_cache()
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args()
+    results = {"device": torch.cuda.get_device_name(), "shape": {"A": A, "G": G, "Dh": D, "dtype": "bfloat16"},
+               "cases": []}
+    for b in (1, 8):
+        for p in (2047, 65535):
+            results["cases"].append(run_case(b, p))
+            args.out.write_text(json.dumps(results, indent=1))
+    print(f"{'B':>2} {'pos':>6} {'torch µs':>9} {'triton µs':>10} {'x':>5} {'TB/s':>5} {'best config':>16} "
+          f"{'rel err':>8} {'masked µs torch/triton':>23}")
+    for r in results["cases"]:
+        t = r["triton_best"]
+        m = r["masked"]
+        print(f"{r['batch']:>2} {r['pos']:>6} {r['torch_ms'] * 1e3:>9.1f} {t['ms'] * 1e3:>10.1f} "
+              f"{r['torch_ms'] / t['ms']:>5.1f} {t['tb_s']:>5.2f} {t['config']:>16} {t['rel_err_vs_torch']:>8.1e} "
+              f"{m['torch_ms'] * 1e3:>11.1f}/{m['triton_ms'] * 1e3:<11.1f}")
+
+
+if __name__ == "__main__":
+    main()
