@@ -44,11 +44,12 @@ def cuda_ops() -> SimpleNamespace | None:
         from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
         from mamba_ssm.ops.triton.selective_state_update import selective_state_update
 
-        from . import triton_gemv, triton_ops
+        from . import triton_attention, triton_gemv, triton_ops
     except Exception:  # ImportError, or a build that does not match this torch/CUDA
         return None
     return SimpleNamespace(conv=causal_conv1d_fn, conv_update=causal_conv1d_update, scan=selective_scan_fn,
-                           state_update=selective_state_update, triton=triton_ops, gemv=triton_gemv)
+                           state_update=selective_state_update, triton=triton_ops, gemv=triton_gemv,
+                           attention=triton_attention)
 
 
 def on_cuda(x: torch.Tensor, differentiable: bool = False) -> SimpleNamespace | None:

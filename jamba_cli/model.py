@@ -64,6 +64,10 @@ class Attention(nn.Module):
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and t > 1,
                                                      enable_gqa=gqa)
         elif t == 1 and pos is not None:  # static cache: position from the device, so a CUDA graph can replay
+            ops = kernels.on_cuda(x)
+            if ops is not None:  # the cache write and attention in two kernels
+                out = ops.attention.decode_attention(q, k, v, cache.k, cache.v, pos, key_mask)
+                return _linear(self.o_proj, out.view(b, t, -1))
             cache.k.index_copy_(2, pos, k)
             cache.v.index_copy_(2, pos, v)
             valid = torch.arange(cache.k.shape[2], device=x.device) <= pos  # (capacity,)
