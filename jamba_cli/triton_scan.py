@@ -5,14 +5,18 @@ h_t = exp(Δ_t A) h_{t-1} + Δ_t u_t B_t; y_t = C_t·h_t + D u_t; y_t *= silu(z_
 A start state h0 is taken natively (no correction pass) and the last state is returned.
 
 Two variants, both reading u, delta, z, B, C in (·, T)-contiguous tiles so every load is coalesced:
-- "tile": one pass. A program owns BLOCK_E channels × N states and walks all of T in (BLOCK_E, N, BLOCK_T)
-  tiles: each tile is scanned with tl.associative_scan over time (pairs (decay, input)), then offset by
+- "tile": one pass. A program owns BLOCK_E channels × N states and walks all of T in tiles of BLOCK_T
+  tokens: each tile is scanned with tl.associative_scan over time (pairs (decay, input)), then offset by
   the state carried in from the previous tile. Each element costs one exp, the minimum.
-  Parallelism: B·E/BLOCK_E programs (1024-2048 at B=1, E=8192: several per SM).
-- "chunked": three passes for when channels alone do not fill the GPU (small B·E). T is cut into
-  chunks scanned in parallel: (1) each chunk's end state from zero, as a decay-weighted sum (one exp per
-  element, no scan); (2) a short sequential carry across chunks gives every chunk its true start state;
-  (3) the "tile" kernel re-runs each chunk from that state and writes y. Twice the exps of "tile".
+- "chunked": three passes, for more programs than channels alone give: T is cut into chunks scanned in
+  parallel: (1) each chunk's end state from zero, as a decay-weighted sum (one exp per element, no scan);
+  (2) a short sequential carry across chunks gives every chunk its true start state; (3) the "tile"
+  kernel re-runs each chunk from that state and writes y. Twice the exps of "tile".
+
+`time_major` picks how the 3-D tile is laid out, which decides the scan's cost. Triton spreads a tensor's
+last axis over a warp's lanes: as (BLOCK_E, N, BLOCK_T) the scan runs on lane shuffles (about 3x the
+instructions per element in sm_90 PTX); as (BLOCK_T, N, BLOCK_E) lanes take channels, warps take states
+and each thread scans its run of T in registers, so only the sum over N crosses warps.
 """
 
 from __future__ import annotations
@@ -177,7 +181,7 @@ def _carry_kernel(a_ptr, hend_ptr, dsum_ptr, h0_ptr, start_ptr, last_ptr, E, NC,
     tl.store(last_ptr + b64 * E * N + i, h, mask=ok)
 
 
-# Untuned defaults; benchmarks/bench_scan.py sweeps these on the GPU.
+# Untuned guesses (ptxas: no spills on sm_90a); benchmarks/bench_scan.py sweeps the choices on a GPU.
 DEFAULTS = {"tile": dict(block_e=32, block_t=16, num_warps=4, time_major=True),
             "chunked": dict(block_e=32, block_t=8, num_warps=1, time_major=True, chunk=1024)}
 
@@ -191,7 +195,7 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, Bm: to
         u, delta, z: (B, E, T); rows may be strided views (e.g. halves of one (B, 2E, T) tensor).
         A: (E, N) float32. Bm, Cm: (B, N, T), any strides. D, delta_bias: (E,). h0: (B, E, N) or None.
         variant: "tile" (one pass) or "chunked" (three passes, parallel over time).
-        **tile: block_e, block_t, num_warps (and chunk, in tokens, for "chunked"); defaults in DEFAULTS.
+        **tile: block_e, block_t, num_warps, time_major (and chunk, in tokens, for "chunked"); see DEFAULTS.
 
     Returns:
         y (B, E, T) in u's dtype, and the last state (B, E, N) float32.
