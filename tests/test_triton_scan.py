@@ -1,0 +1,51 @@
+"""jamba_cli/triton_scan.py against the PyTorch selective scan of kernels.py, in Triton's CPU interpreter.
+(Its speed against mamba-ssm is measured by benchmarks/bench_scan.py on a GPU.)"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+# Triton's interpreter must be chosen before triton compiles anything, so the checks run in a fresh
+# interpreter. The interpreter scans element by element in Python: sizes are small, and only one case
+# uses the model's N = 16.
+CODE = r'''
+import torch, torch.nn.functional as F
+from jamba_cli import kernels, triton_scan as S
+g = torch.Generator().manual_seed(0)
+
+def inputs(b, e, t, n):
+    xz = torch.randn(b, 2 * e, t, generator=g)  # u and z are row-strided halves, as in the model
+    bc = torch.randn(b, t, 2 * n + 3, generator=g)  # B and C: (B, N, T) views with stride(-1) = 2N + 3
+    A = -torch.exp(torch.randn(e, n, generator=g))
+    delta = torch.randn(b, e, t, generator=g) * 0.5
+    return (xz[:, :e], delta, A, bc[..., 3:3 + n].transpose(1, 2), bc[..., 3 + n:].transpose(1, 2),
+            torch.randn(e, generator=g), xz[:, e:], torch.randn(e, generator=g) * 0.5 - 1)
+
+def check(b, e, t, n, variant, with_h0, gated, **tile):
+    u, delta, A, Bm, Cm, D, z, bias = inputs(b, e, t, n)
+    h0 = torch.randn(b, e, n, generator=g) if with_h0 else None
+    state = torch.zeros(b, e, n) if h0 is None else h0.clone()
+    ref = kernels.selective_scan(u, delta, A, Bm, Cm, D, z, bias, state, resume=True)  # CPU: the torch path
+    y, last = S.selective_scan(u, delta, A, Bm, Cm, D, z if gated else None, bias, h0=h0, variant=variant, **tile)
+    if not gated:
+        y = y * F.silu(z)
+    scale = ref.abs().max()
+    assert (y - ref).abs().max() <= 1e-4 * scale, (variant, tile, (y - ref).abs().max() / scale)
+    assert (last - state).abs().max() <= 1e-4 * state.abs().max(), (variant, tile)
+
+# T = 100 is no multiple of the tile or chunk; E = 12 leaves part of a channel block empty
+check(2, 12, 100, 4, "tile", False, True, block_e=8, block_t=32, num_warps=1, time_major=True)
+check(1, 12, 100, 16, "tile", True, True, block_e=8, block_t=16, num_warps=1, time_major=False)
+check(2, 12, 100, 4, "chunked", True, True, block_e=8, block_t=16, num_warps=1, time_major=True, chunk=40)
+check(2, 12, 100, 4, "chunked", False, False, block_e=16, block_t=8, num_warps=1, time_major=False, chunk=24)
+print("ok")
+'''
+
+
+def test_triton_scan_in_the_interpreter():
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    r = subprocess.run([sys.executable, "-c", CODE], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
