@@ -78,6 +78,22 @@ def peak_gb() -> float:
     return torch.cuda.max_memory_allocated() / GB
 
 
+# decode at batch 1 is also timed with these switches flipped (kernels.py and triton_ops.py flags)
+VARIANTS = {"cublas_linears": {"GEMV_LINEARS": False}, "pdl": {"PDL": True},
+            "pdl_cublas_linears": {"PDL": True, "GEMV_LINEARS": False}}
+
+
+def get_flag(name):
+    return kernels.cuda_ops().triton.PDL.on if name == "PDL" else getattr(kernels, name)
+
+
+def set_flag(name, value):
+    if name == "PDL":
+        kernels.cuda_ops().triton.PDL.on = value
+    else:
+        setattr(kernels, name, value)
+
+
 # ----------------------------------------------------------------------------------------------- ours
 
 def bench_ours(cfg_dict: dict, lengths: list[int], chunk: int, steps: int, log, profile: int = 0,
@@ -127,6 +143,25 @@ def bench_ours(cfg_dict: dict, lengths: list[int], chunk: int, steps: int, log, 
             except torch.OutOfMemoryError:
                 out["prefill"][n] = {"error": "out of memory", "peak_gb": peak_gb()}
             log(f"ours: prefill {n}: {out['prefill'][n]}")
+        out["prefill_triton_scan"] = {}
+        for n in (n for n in lengths if n <= warm_max):  # the same prompts with our Triton scan
+            kernels.TRITON_SCAN = True
+            try:
+                torch.cuda.empty_cache()
+                ids = torch.randint(0, config.vocab_size, (1, n), device="cuda", generator=g)
+                cache = make_cache(config, 1, dtype=torch.bfloat16, device="cuda", capacity=n)
+                prefill(ids, cache)
+                cache.reset()
+                t0 = sync()
+                prefill(ids, cache)
+                seconds = sync() - t0
+                out["prefill_triton_scan"][n] = {"tok_s": n / seconds, "seconds": seconds}
+                del cache, ids
+            except Exception as exc:
+                out["prefill_triton_scan"][n] = {"error": str(exc).splitlines()[0][:200]}
+            finally:
+                kernels.TRITON_SCAN = False
+            log(f"ours: prefill {n} with the Triton scan: {out['prefill_triton_scan'][n]}")
         if profile:
             from torch.profiler import ProfilerActivity, profile as torch_profile
 
@@ -146,7 +181,7 @@ def bench_ours(cfg_dict: dict, lengths: list[int], chunk: int, steps: int, log, 
             ids = torch.randint(0, config.vocab_size, (batch, prompt), device="cuda", generator=g)
             t0 = sync()
             cache = make_cache(config, batch, dtype=torch.bfloat16, device="cuda",
-                               capacity=prompt + 4 * steps + 64, static=True)
+                               capacity=prompt + (4 + len(VARIANTS)) * steps + 64, static=True)
             tok = prefill(ids, cache)[:, -1].argmax(-1)
             tok.cpu()
             ttft = time.perf_counter() - t0
@@ -164,20 +199,25 @@ def bench_ours(cfg_dict: dict, lengths: list[int], chunk: int, steps: int, log, 
                 tok = step(tok).argmax(-1)
                 tok.cpu()
             synced_s = sync() - t0
-            gemv_s = math.nan
-            if batch == 1:  # the same step with our Triton GEMV for every linear instead of cuBLAS
-                kernels.GEMV_LINEARS = True
+            variants = {}
+            for name, flags in VARIANTS.items() if batch == 1 else ():  # the same step, other kernel choices
+                saved = {f: get_flag(f) for f in flags}
                 try:
+                    for f, v in flags.items():
+                        set_flag(f, v)
                     alt = CUDAGraphDecoder(model, cache)
                     for _ in range(3):
                         tok = alt(tok).argmax(-1)
                     t0 = sync()
                     for _ in range(steps):
                         tok = alt(tok).argmax(-1)
-                    gemv_s = sync() - t0
+                    variants[name] = steps / (sync() - t0)
                     del alt
+                except Exception as exc:
+                    variants[name] = str(exc).splitlines()[0][:200]
                 finally:
-                    kernels.GEMV_LINEARS = False
+                    for f, v in saved.items():
+                        set_flag(f, v)
             if profile and batch == 1:
                 from torch.profiler import ProfilerActivity, profile as torch_profile
 
@@ -195,7 +235,7 @@ def bench_ours(cfg_dict: dict, lengths: list[int], chunk: int, steps: int, log, 
                 "prompt": prompt, "ttft_s": ttft, "graph_capture_s": capture,
                 "tok_s_per_seq": steps / graph_s, "tok_s_total": batch * steps / graph_s,
                 "tok_s_per_seq_host_sync": steps / synced_s, "tok_s_per_seq_eager": eager_steps / eager_s,
-                "tok_s_per_seq_gemv_linears": steps / gemv_s,
+                "tok_s_per_seq_variants": variants,
                 "peak_gb": peak_gb()}
             log(f"ours: decode batch {batch}: {out['decode'][batch]}")
             del cache, step

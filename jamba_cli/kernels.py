@@ -44,12 +44,12 @@ def cuda_ops() -> SimpleNamespace | None:
         from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
         from mamba_ssm.ops.triton.selective_state_update import selective_state_update
 
-        from . import triton_attention, triton_gemv, triton_ops
+        from . import triton_attention, triton_gemv, triton_ops, triton_scan
     except Exception:  # ImportError, or a build that does not match this torch/CUDA
         return None
     return SimpleNamespace(conv=causal_conv1d_fn, conv_update=causal_conv1d_update, scan=selective_scan_fn,
                            state_update=selective_state_update, triton=triton_ops, gemv=triton_gemv,
-                           attention=triton_attention)
+                           attention=triton_attention, tscan=triton_scan)
 
 
 def on_cuda(x: torch.Tensor, differentiable: bool = False) -> SimpleNamespace | None:
@@ -74,13 +74,20 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * xf.to(x.dtype)  # cast back before the weight, as LlamaRMSNorm does
 
 
-# Route one-token bias-free linears through the Triton GEMV instead of cuBLAS (benchmarks/bench_kernels.py)
-GEMV_LINEARS = False
+# Prefill's scan: our Triton kernel instead of mamba-ssm's (benchmarks/bench_scan.py)
+TRITON_SCAN = False
+
+# One-token linears of the shapes in triton_gemv.LINEAR_CONFIGS go through our GEMV (faster than cuBLAS
+# there, measured); False keeps every linear on cuBLAS
+GEMV_LINEARS = True
 
 
-def gemv_ops(x: torch.Tensor) -> SimpleNamespace | None:
+def gemv_ops(x: torch.Tensor, weight: torch.Tensor) -> SimpleNamespace | None:
     """The kernels to run a bias-free linear on `x` with our GEMV, or None for the layer's own forward."""
-    return on_cuda(x) if GEMV_LINEARS and x.numel() == x.shape[-1] else None
+    if not GEMV_LINEARS or x.numel() != x.shape[-1]:
+        return None
+    ops = on_cuda(x)
+    return ops if ops is not None and tuple(weight.shape) in ops.gemv.LINEAR_CONFIGS else None
 
 
 def add_rms_norm(h: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, eps: float):
@@ -166,6 +173,11 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, Bm: to
     """
     h0 = state if resume else None
     ops = on_cuda(u, differentiable=h0 is None)
+    if ops is not None and TRITON_SCAN and not (torch.is_grad_enabled() and u.requires_grad):
+        y, last = ops.tscan.selective_scan(u, delta, A, Bm, Cm, D, z, delta_bias, h0=h0)
+        if state is not None:
+            state.copy_(last)
+        return y
     if ops is not None:
         # the kernel wants one dtype for u, Δ, B, C and z (under autocast the norms hand back fp32)
         delta, Bm, Cm, z = (t.to(u.dtype) for t in (delta, Bm, Cm, z))

@@ -217,13 +217,8 @@ class Experts(nn.Module):
     def forward(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         # x: (T, H), idx/w: (T, k) -> (T, H)
         ops = kernels.on_cuda(x) if self.act is F.silu else None
-        if ops is not None:  # no host sync: both paths can be captured in a CUDA graph
-            if idx.numel() <= 16:  # up to batch 8 the GEMVs beat grouped GEMM (benchmarks/bench_kernels.py)
-                i = self.down_proj.shape[-1]
-                return ops.gemv.swiglu_mlp(x, self.gate_up_proj[:, :i], self.gate_up_proj[:, i:], self.down_proj,
-                                           idx, w)
-            if x.dtype == torch.bfloat16:  # the grouped GEMM kernel is bf16-only
-                return self._grouped(x, idx, w)
+        if ops is not None and x.dtype == torch.bfloat16:  # grouped GEMM is bf16-only; no host sync
+            return self._grouped(x, idx, w)
         return self.per_expert(x, idx, w)
 
     def per_expert(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -264,10 +259,14 @@ class SparseMoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, h = x.shape
         xt = x.reshape(-1, h)  # (B·T, H)
-        ops = kernels.on_cuda(xt) if xt.shape[0] <= 8 and type(self.router) is nn.Linear else None
-        if ops is not None:  # router GEMV, softmax and top-k in one kernel
-            idx, w = ops.gemv.route(xt, self.router.weight, self.top_k)
-            return self.experts(xt, idx, w).view(b, t, h)
+        ex = self.experts
+        fast = xt.shape[0] <= 8 and type(self.router) is nn.Linear and type(ex) is Experts and ex.act is F.silu
+        ops = kernels.on_cuda(xt) if fast else None
+        if ops is not None:  # up to batch 8 GEMVs beat grouped GEMM (benchmarks/bench_kernels.py)
+            # routing (softmax, top-k) happens inside the expert kernels, from the router's logits
+            i = ex.down_proj.shape[-1]
+            return ops.gemv.swiglu_mlp(xt, ex.gate_up_proj[:, :i], ex.gate_up_proj[:, i:], ex.down_proj,
+                                       ops.gemv.router_logits(xt, self.router.weight), self.top_k).view(b, t, h)
         probs = F.softmax(self.router(xt), dim=-1, dtype=torch.float32)  # over all X experts
         w, idx = torch.topk(probs, self.top_k, dim=-1)  # (B·T, k); not renormalised, unlike Mixtral
         return self.experts(xt, idx, w.to(x.dtype)).view(b, t, h)
@@ -387,7 +386,7 @@ def _attention_mask(t: int, offset: int, key_mask: torch.Tensor | None, device) 
 
 def _linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     # one token on CUDA may take our GEMV (kernels.GEMV_LINEARS); quantized layers never do
-    ops = kernels.gemv_ops(x) if type(layer) is nn.Linear and layer.bias is None else None
+    ops = kernels.gemv_ops(x, layer.weight) if type(layer) is nn.Linear and layer.bias is None else None
     return layer(x) if ops is None else ops.gemv.gemv(x, layer.weight)
 
 

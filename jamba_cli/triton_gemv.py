@@ -14,16 +14,23 @@ import torch
 import triton
 import triton.language as tl
 
-# (BLOCK_N, BLOCK_K, num_warps, num_stages), chosen by benchmarks/bench_kernels.py on an H200
-GEMV_CONFIG = (8, 512, 4, 3)
-SWIGLU_CONFIG = (8, 512, 4, 3)
-DOWN_CONFIG = (4, 512, 4, 3)
+from .triton_ops import PDL, pdl_enter
+
+# (BLOCK_N, BLOCK_K, num_warps, num_stages), chosen by benchmarks/bench_kernels.py on an H200 (batch 1):
+# the linears where our GEMV beats cuBLAS, keyed by weight shape (N, K); the others stay on cuBLAS
+LINEAR_CONFIGS = {(4096, 8192): (8, 1024, 4, 3),  # Jamba-Mini out_proj: 3050 vs 2883 GB/s
+                  (4096, 4096): (8, 512, 8, 3),  # q_proj, o_proj: 2661 vs 2379
+                  (1024, 4096): (4, 1024, 8, 3),  # k_proj, v_proj: 1187 vs 1075
+                  (65536, 4096): (8, 256, 4, 3)}  # lm_head: 4045 vs 3859
+DENSE_CONFIGS = ((4, 512, 4, 4), (4, 1024, 4, 4))  # SwiGLU, down: 3594 vs 3483 GB/s for cuBLAS + silu_mul
+MOE_CONFIGS = ((16, 512, 4, 3), (8, 1024, 4, 3))  # 3.82 and 4.06 TB/s at batch 1
 
 
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, out_ptr, N, K, stride_xt, stride_wn,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, USE_PDL: tl.constexpr):
     # out[t, rows] = W[rows] · x[t] for BLOCK_N rows of W (N, K)
+    pdl_enter(USE_PDL)
     t = tl.program_id(0)
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
@@ -50,22 +57,67 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, config=None) -> torch.Tensor:
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
     out = torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)
-    bn, bk, warps, stages = config or GEMV_CONFIG
+    bn, bk, warps, stages = config or LINEAR_CONFIGS.get((n, k), (8, 512, 4, 3))
     _gemv_kernel[(rows.shape[0], triton.cdiv(n, bn))](
-        rows, weight, out, n, k, rows.stride(0), weight.stride(0),
-        BLOCK_N=bn, BLOCK_K=bk, EVEN_K=k % bk == 0, num_warps=warps, num_stages=stages)
+        rows, weight, out, n, k, rows.stride(0), weight.stride(0), BLOCK_N=bn, BLOCK_K=bk, EVEN_K=k % bk == 0,
+        USE_PDL=PDL.on, num_warps=warps, num_stages=stages, launch_pdl=PDL.on)
     return out
 
 
 @triton.jit
-def _swiglu_kernel(x_ptr, g_ptr, u_ptr, idx_ptr, out_ptr, H, I, stride_we, stride_wn,
-                   TOP_K: tl.constexpr, HAS_IDX: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   EVEN_K: tl.constexpr):
+def _router_kernel(x_ptr, w_ptr, out_ptr, H, X, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
+    # one (token, expert) logit, rounded to the model dtype as the router's output is, kept as fp32
+    pdl_enter(USE_PDL)
+    token = tl.program_id(0)
+    e = tl.program_id(1)
+    acc = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        xk = tl.load(x_ptr + token * H + cols, mask=cols < H, other=0.0).to(tl.float32)
+        acc += tl.load(w_ptr + e * H + cols, mask=cols < H, other=0.0).to(tl.float32) * xk
+    tl.store(out_ptr + token * X + e, tl.sum(acc, axis=0).to(x_ptr.dtype.element_ty).to(tl.float32))
+
+
+def router_logits(x: torch.Tensor, router: torch.Tensor) -> torch.Tensor:
+    """Router logits for a few tokens x (T, H), router (X, H) -> (T, X) float32 (values in x's dtype)."""
+    t, h = x.shape
+    out = torch.empty(t, router.shape[0], dtype=torch.float32, device=x.device)
+    _router_kernel[(t, router.shape[0])](x.contiguous(), router, out, h, router.shape[0], BLOCK_K=1024,
+                                         USE_PDL=PDL.on, num_warps=4, launch_pdl=PDL.on)
+    return out
+
+
+@triton.jit
+def _pick(logits_ptr, token, X, j_want, TOP_K: tl.constexpr, BLOCK_X: tl.constexpr):
+    # softmax over one token's router logits (fp32), then its j_want-th largest: (expert, probability);
+    # ties go to the lower expert index
+    xs = tl.arange(0, BLOCK_X)
+    logits = tl.load(logits_ptr + token * X + xs, mask=xs < X, other=float("-inf"))
+    p = tl.exp(logits - tl.max(logits, axis=0))
+    p = p / tl.sum(p, axis=0)
+    expert = tl.full((), 0, tl.int64)
+    prob = tl.full((), 0.0, tl.float32)
+    for j in tl.static_range(TOP_K):
+        best = tl.max(p, axis=0)
+        pick = tl.min(tl.where(p == best, xs, BLOCK_X), axis=0)
+        expert = tl.where(j_want == j, pick.to(tl.int64), expert)
+        prob = tl.where(j_want == j, best, prob)
+        p = tl.where(xs == pick, -1.0, p)
+    return expert, prob
+
+
+@triton.jit
+def _swiglu_kernel(x_ptr, g_ptr, u_ptr, logits_ptr, out_ptr, H, I, X, stride_we, stride_wn,
+                   TOP_K: tl.constexpr, ROUTED: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, USE_PDL: tl.constexpr):
     # one (token, slot) pair and BLOCK_N rows of its expert's gate and up projections -> silu(gate) * up
+    pdl_enter(USE_PDL)
     pair = tl.program_id(0)
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows[:, None] < I
-    expert = tl.load(idx_ptr + pair).to(tl.int64) if HAS_IDX else 0
+    expert = 0
+    if ROUTED:
+        expert, _ = _pick(logits_ptr, pair // TOP_K, X, pair % TOP_K, TOP_K, BLOCK_X)
     x_row = x_ptr + (pair // TOP_K) * H
     offs = expert * stride_we + rows[:, None].to(tl.int64) * stride_wn
     gate = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
@@ -84,10 +136,11 @@ def _swiglu_kernel(x_ptr, g_ptr, u_ptr, idx_ptr, out_ptr, H, I, stride_we, strid
 
 
 @triton.jit
-def _down_kernel(h_ptr, w_ptr, idx_ptr, wt_ptr, out_ptr, H, I, stride_we, stride_wn,
-                 TOP_K: tl.constexpr, HAS_IDX: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 EVEN_K: tl.constexpr):
+def _down_kernel(h_ptr, w_ptr, logits_ptr, out_ptr, H, I, X, stride_we, stride_wn,
+                 TOP_K: tl.constexpr, ROUTED: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, USE_PDL: tl.constexpr):
     # one token and BLOCK_N output features, summed over its TOP_K experts (no atomics: deterministic)
+    pdl_enter(USE_PDL)
     token = tl.program_id(0)
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows[:, None] < H
@@ -95,7 +148,9 @@ def _down_kernel(h_ptr, w_ptr, idx_ptr, wt_ptr, out_ptr, H, I, stride_we, stride
     total = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for j in tl.static_range(TOP_K):
         pair = token * TOP_K + j
-        expert = tl.load(idx_ptr + pair).to(tl.int64) if HAS_IDX else 0
+        expert = 0
+        if ROUTED:
+            expert, prob = _pick(logits_ptr, token, X, j, TOP_K, BLOCK_X)
         w = w_ptr + expert * stride_we + rows[:, None].to(tl.int64) * stride_wn
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         for k0 in range(0, I, BLOCK_K):
@@ -104,73 +159,38 @@ def _down_kernel(h_ptr, w_ptr, idx_ptr, wt_ptr, out_ptr, H, I, stride_we, stride
             hk = tl.load(h_ptr + pair * I + cols, mask=cols < I, other=0.0).to(tl.float32)[None, :]
             acc += tl.load(w + cols[None, :], mask=ok, other=0.0).to(tl.float32) * hk
         y = tl.sum(acc, axis=1).to(dt).to(tl.float32)
-        if HAS_IDX:  # weighted in the model dtype, as the expert outputs are
-            y = (y * tl.load(wt_ptr + pair).to(tl.float32)).to(dt).to(tl.float32)
+        if ROUTED:  # weighted in the model dtype, as the expert outputs are
+            y = (y * prob.to(dt).to(tl.float32)).to(dt).to(tl.float32)
         total += y
     tl.store(out_ptr + token * H + rows, total.to(dt), mask=rows < H)
 
 
 def swiglu_mlp(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
-               idx: torch.Tensor | None = None, weights: torch.Tensor | None = None,
-               swiglu_config=None, down_config=None) -> torch.Tensor:
+               logits: torch.Tensor | None = None, top_k: int = 1, configs=None) -> torch.Tensor:
     """down(silu(gate(x)) * up(x)) for a few tokens x (T, H), in two kernels.
 
-    Dense: gate, up (I, H), down (H, I). Experts (`idx`, `weights`: (T, k)): gate, up (X, I, H) (views of
-    the stacked gate_up), down (X, H, I); each chosen expert's rows are read in place (no gathered copy),
-    so a step costs the bytes of k experts per token, and the k outputs are weighted and summed.
+    Dense: gate, up (I, H), down (H, I). Experts: gate, up (X, I, H) (views of the stacked gate_up), down
+    (X, H, I), and `logits` (T, X) from `router_logits`: each kernel takes softmax and top-k itself and
+    reads the chosen experts' rows in place (no gathered copy), so a step costs the bytes of k experts per
+    token; the k outputs are weighted by their probabilities and summed.
     """
     t, h = x.shape
     i = down.shape[-1]
-    moe = idx is not None
-    k = idx.shape[1] if moe else 1
+    routed = logits is not None
+    k = top_k if routed else 1
+    n_exp = gate.shape[0] if routed else 1
     x = x.contiguous()
-    idx = idx.contiguous() if moe else x  # an unused pointer when dense
+    logits = logits.contiguous() if routed else x  # an unused pointer when dense
+    (bn, bk, warps, stages), (dbn, dbk, dwarps, dstages) = configs or (MOE_CONFIGS if routed else DENSE_CONFIGS)
+    block_x = max(16, triton.next_power_of_2(n_exp))
     act = torch.empty(t * k, i, dtype=x.dtype, device=x.device)
-    bn, bk, warps, stages = swiglu_config or SWIGLU_CONFIG
     _swiglu_kernel[(t * k, triton.cdiv(i, bn))](
-        x, gate, up, idx, act, h, i, gate.stride(0) if moe else 0, gate.stride(-2),
-        TOP_K=k, HAS_IDX=moe, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=h % bk == 0,
-        num_warps=warps, num_stages=stages)
+        x, gate, up, logits, act, h, i, n_exp, gate.stride(0) if routed else 0, gate.stride(-2),
+        TOP_K=k, ROUTED=routed, BLOCK_X=block_x, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=h % bk == 0,
+        USE_PDL=PDL.on, num_warps=warps, num_stages=stages, launch_pdl=PDL.on)
     out = torch.empty(t, h, dtype=x.dtype, device=x.device)
-    bn, bk, warps, stages = down_config or DOWN_CONFIG
-    _down_kernel[(t, triton.cdiv(h, bn))](
-        act, down, idx, weights.contiguous() if moe else x, out, h, i, down.stride(0) if moe else 0,
-        down.stride(-2), TOP_K=k, HAS_IDX=moe, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=i % bk == 0,
-        num_warps=warps, num_stages=stages)
+    _down_kernel[(t, triton.cdiv(h, dbn))](
+        act, down, logits, out, h, i, n_exp, down.stride(0) if routed else 0, down.stride(-2),
+        TOP_K=k, ROUTED=routed, BLOCK_X=block_x, BLOCK_N=dbn, BLOCK_K=dbk, EVEN_K=i % dbk == 0,
+        USE_PDL=PDL.on, num_warps=dwarps, num_stages=dstages, launch_pdl=PDL.on)
     return out
-
-
-@triton.jit
-def _router_kernel(x_ptr, w_ptr, idx_ptr, wt_ptr, H, X, TOP_K: tl.constexpr, BLOCK_X: tl.constexpr,
-                   BLOCK_K: tl.constexpr):
-    # one token: logits over X experts, softmax in fp32, then the TOP_K largest probabilities in order
-    token = tl.program_id(0)
-    experts = tl.arange(0, BLOCK_X)
-    ok = experts < X
-    acc = tl.zeros((BLOCK_X, BLOCK_K), dtype=tl.float32)
-    for k0 in range(0, H, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        xk = tl.load(x_ptr + token * H + cols, mask=cols < H, other=0.0).to(tl.float32)
-        wk = tl.load(w_ptr + experts[:, None] * H + cols[None, :], mask=ok[:, None] & (cols[None, :] < H), other=0.0)
-        acc += wk.to(tl.float32) * xk[None, :]
-    logits = tl.sum(acc, axis=1).to(x_ptr.dtype.element_ty).to(tl.float32)  # the router's output dtype
-    logits = tl.where(ok, logits, float("-inf"))
-    p = tl.exp(logits - tl.max(logits, axis=0))
-    p = p / tl.sum(p, axis=0)
-    for j in tl.static_range(TOP_K):
-        best = tl.max(p, axis=0)
-        pick = tl.min(tl.where(p == best, experts, BLOCK_X), axis=0)  # the lowest index among ties
-        tl.store(idx_ptr + token * TOP_K + j, pick.to(tl.int64))
-        tl.store(wt_ptr + token * TOP_K + j, best.to(wt_ptr.dtype.element_ty))
-        p = tl.where(experts == pick, -1.0, p)
-
-
-def route(x: torch.Tensor, router: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k experts of softmax(router(x)) for a few tokens x (T, H): (idx (T, k) int64, weights (T, k) x.dtype)."""
-    t, h = x.shape
-    n = router.shape[0]
-    idx = torch.empty(t, k, dtype=torch.long, device=x.device)
-    weights = torch.empty(t, k, dtype=x.dtype, device=x.device)
-    _router_kernel[(t,)](x.contiguous(), router, idx, weights, h, n, TOP_K=k,
-                         BLOCK_X=max(16, triton.next_power_of_2(n)), BLOCK_K=256, num_warps=4)
-    return idx, weights

@@ -8,9 +8,29 @@ the PyTorch version materialises a tensor in that dtype.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 import triton
 import triton.language as tl
+
+try:
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # an older Triton: PDL stays off
+    gdc_launch_dependents = gdc_wait = None
+
+# Programmatic dependent launch for the decode-step kernels: each may be launched while the kernel before
+# it finishes, and waits for its results before touching memory (benchmarks/bench_generate.py measures it)
+PDL = SimpleNamespace(on=False)
+
+
+@triton.jit
+def pdl_enter(USE_PDL: tl.constexpr):
+    # first thing in a kernel launched with launch_pdl: wait for the previous kernel's results, then let
+    # the next kernel start launching
+    if USE_PDL:
+        gdc_wait()
+        gdc_launch_dependents()
 
 
 @triton.jit
@@ -27,7 +47,9 @@ def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, n_cols, x_row_stride, out_row_stride
 
 
 @triton.jit
-def _add_rms_norm_kernel(h_ptr, y_ptr, w_ptr, sum_ptr, out_ptr, n_cols, eps, BLOCK: tl.constexpr):
+def _add_rms_norm_kernel(h_ptr, y_ptr, w_ptr, sum_ptr, out_ptr, n_cols, eps, BLOCK: tl.constexpr,
+                         USE_PDL: tl.constexpr):
+    pdl_enter(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -48,8 +70,9 @@ def add_rms_norm(h: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, eps: fl
     h, y = h.contiguous(), y.contiguous()
     total, out = torch.empty_like(h), torch.empty_like(h)
     if h.numel():
+        pdl = PDL.on and h.numel() == d  # a decode step
         _add_rms_norm_kernel[(h.numel() // d,)](h, y, weight, total, out, d, eps, BLOCK=triton.next_power_of_2(d),
-                                                num_warps=4 if d <= 4096 else 8)
+                                                USE_PDL=pdl, num_warps=4 if d <= 4096 else 8, launch_pdl=pdl)
     return total, out
 
 
@@ -160,35 +183,42 @@ def add_initial_state(y0: torch.Tensor, z: torch.Tensor, cum: torch.Tensor, A: t
 
 
 @triton.jit
-def _mamba_conv_xproj_kernel(xz_ptr, state_ptr, cw_ptr, cb_ptr, xw_ptr, u_ptr, part_ptr, E, RT, stride_xz,
-                             K: tl.constexpr, KP: tl.constexpr, HAS_BIAS: tl.constexpr,
-                             BLOCK_E: tl.constexpr, BLOCK_R: tl.constexpr):
-    # BLOCK_E channels of one sequence: the conv step (state shifts by one), then this slice's share of
-    # x_proj, a partial sum over its channels (the next kernel adds the slices up in a fixed order)
-    blk = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    es = blk * BLOCK_E + tl.arange(0, BLOCK_E)
-    e_ok = es < E
+def _conv_step(xz_ptr, state_ptr, cw_ptr, cb_ptr, b, es, e_ok, E, stride_xz,
+               K: tl.constexpr, KP: tl.constexpr, HAS_BIAS: tl.constexpr):
+    # the conv's output for channels es at this token, from the K-1 inputs in the state and this token's:
+    # silu in fp32, rounded to the model dtype (returned as fp32); also the state shifted by one
     js = tl.arange(0, KP)
-    new = tl.load(xz_ptr + b * stride_xz + es, mask=e_ok, other=0.0)  # (BLOCK_E,) this token's conv input
+    new = tl.load(xz_ptr + b * stride_xz + es, mask=e_ok, other=0.0)
     st = state_ptr + b * E * (K - 1) + es[:, None] * (K - 1) + js[None, :]
     window = tl.load(st, mask=e_ok[:, None] & (js[None, :] < K - 1), other=0.0)  # (BLOCK_E, KP)
     window = tl.where(js[None, :] == K - 1, new[:, None].to(window.dtype), window)
-    shifted = tl.load(st + 1, mask=e_ok[:, None] & (js[None, :] < K - 2), other=0.0)
-    shifted = tl.where(js[None, :] == K - 2, new[:, None].to(shifted.dtype), shifted)
-    tl.store(st, shifted, mask=e_ok[:, None] & (js[None, :] < K - 1))
     w = tl.load(cw_ptr + es[:, None] * K + js[None, :], mask=e_ok[:, None] & (js[None, :] < K), other=0.0)
     y = tl.sum(window.to(tl.float32) * w.to(tl.float32), axis=1)
     if HAS_BIAS:
         y += tl.load(cb_ptr + es, mask=e_ok, other=0.0).to(tl.float32)
-    u = (y / (1.0 + tl.exp(-y))).to(u_ptr.dtype.element_ty)  # silu in fp32, stored in the model dtype
-    tl.store(u_ptr + b * E + es, u, mask=e_ok)
-    uf = u.to(tl.float32)
-    part = part_ptr + (b * tl.num_programs(0) + blk) * RT
-    for r0 in range(0, RT, BLOCK_R):
-        rs = r0 + tl.arange(0, BLOCK_R)
+    u = (y / (1.0 + tl.exp(-y))).to(xz_ptr.dtype.element_ty).to(tl.float32)
+    shifted = tl.load(st + 1, mask=e_ok[:, None] & (js[None, :] < K - 2), other=0.0)
+    shifted = tl.where(js[None, :] == K - 2, new[:, None].to(shifted.dtype), shifted)
+    return u, shifted, st
+
+
+@triton.jit
+def _mamba_xproj_kernel(xz_ptr, state_ptr, cw_ptr, cb_ptr, xw_ptr, out_ptr, E, RT, stride_xz,
+                        K: tl.constexpr, KP: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr,
+                        BLOCK_E: tl.constexpr, USE_PDL: tl.constexpr):
+    # BLOCK_R rows of x_proj applied to the conv's output, which each program recomputes for every
+    # channel (cheap, from L2) instead of waiting for another kernel; the states are left untouched here
+    pdl_enter(USE_PDL)
+    b = tl.program_id(1).to(tl.int64)
+    rs = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    acc = tl.zeros((BLOCK_R, BLOCK_E), dtype=tl.float32)
+    for e0 in range(0, E, BLOCK_E):
+        es = e0 + tl.arange(0, BLOCK_E)
+        e_ok = es < E
+        u, _, _ = _conv_step(xz_ptr, state_ptr, cw_ptr, cb_ptr, b, es, e_ok, E, stride_xz, K, KP, HAS_BIAS)
         xw = tl.load(xw_ptr + rs[:, None] * E + es[None, :], mask=(rs[:, None] < RT) & e_ok[None, :], other=0.0)
-        tl.store(part + rs, tl.sum(xw.to(tl.float32) * uf[None, :], axis=1), mask=rs < RT)
+        acc += xw.to(tl.float32) * u[None, :]
+    tl.store(out_ptr + b * RT + rs, tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty), mask=rs < RT)
 
 
 @triton.jit
@@ -200,39 +230,31 @@ def _rms(x, w_ptr, n, eps, OK, dt):
 
 
 @triton.jit
-def _mamba_ssm_step_kernel(part_ptr, NP, dtn_ptr, bn_ptr, cn_ptr, eps, dtw_ptr, dtb_ptr, a_ptr, d_ptr,
-                           u_ptr, z_ptr, stride_z, h_ptr, y_ptr, E,
-                           R: tl.constexpr, N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
-                           BLOCK_E: tl.constexpr):
-    # BLOCK_E channels of one sequence: x_proj's slices summed -> dt/B/C norms -> dt_proj -> state update
+def _mamba_ssm_step_kernel(xdbc_ptr, dtn_ptr, bn_ptr, cn_ptr, eps, dtw_ptr, dtb_ptr, a_ptr, d_ptr,
+                           xz_ptr, conv_ptr, cw_ptr, cb_ptr, h_ptr, y_ptr, E, stride_xz,
+                           R: tl.constexpr, N: tl.constexpr, BLOCK_R: tl.constexpr, K: tl.constexpr,
+                           KP: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_E: tl.constexpr, USE_PDL: tl.constexpr):
+    # BLOCK_E channels of one sequence: dt/B/C norms -> dt_proj -> softplus -> state update, and the
+    # conv state's shift (x_proj's kernel has read it by now)
+    pdl_enter(USE_PDL)
     blk = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     dt = y_ptr.dtype.element_ty
-    RT = R + 2 * N
     rs = tl.arange(0, BLOCK_R)
     ns = tl.arange(0, N)
-    acc_dt = tl.zeros((BLOCK_P, BLOCK_R), dtype=tl.float32)
-    acc_b = tl.zeros((BLOCK_P, N), dtype=tl.float32)
-    acc_c = tl.zeros((BLOCK_P, N), dtype=tl.float32)
-    for p0 in range(0, NP, BLOCK_P):
-        ps = p0 + tl.arange(0, BLOCK_P)
-        row = part_ptr + (b * NP + ps[:, None]) * RT
-        p_ok = ps[:, None] < NP
-        acc_dt += tl.load(row + rs[None, :], mask=p_ok & (rs[None, :] < R), other=0.0)
-        acc_b += tl.load(row + R + ns[None, :], mask=p_ok, other=0.0)
-        acc_c += tl.load(row + R + N + ns[None, :], mask=p_ok, other=0.0)
-    # x_proj's output is a tensor in the model dtype, then each piece is normalised
-    x_dt = _rms(tl.sum(acc_dt, axis=0).to(dt).to(tl.float32), dtn_ptr + rs, R, eps, rs < R, dt)
-    x_b = _rms(tl.sum(acc_b, axis=0).to(dt).to(tl.float32), bn_ptr + ns, N, eps, ns < N, dt)
-    x_c = _rms(tl.sum(acc_c, axis=0).to(dt).to(tl.float32), cn_ptr + ns, N, eps, ns < N, dt)
+    row = xdbc_ptr + b * (R + 2 * N)
+    x_dt = _rms(tl.load(row + rs, mask=rs < R, other=0.0).to(tl.float32), dtn_ptr + rs, R, eps, rs < R, dt)
+    x_b = _rms(tl.load(row + R + ns).to(tl.float32), bn_ptr + ns, N, eps, ns < N, dt)
+    x_c = _rms(tl.load(row + R + N + ns).to(tl.float32), cn_ptr + ns, N, eps, ns < N, dt)
     es = blk * BLOCK_E + tl.arange(0, BLOCK_E)
     e_ok = es < E
+    u, shifted, st = _conv_step(xz_ptr, conv_ptr, cw_ptr, cb_ptr, b, es, e_ok, E, stride_xz, K, KP, HAS_BIAS)
+    tl.store(st, shifted, mask=e_ok[:, None] & (tl.arange(0, KP)[None, :] < K - 1))
     wdt = tl.load(dtw_ptr + es[:, None] * R + rs[None, :], mask=e_ok[:, None] & (rs[None, :] < R), other=0.0)
     delta = tl.sum(wdt.to(tl.float32) * x_dt[None, :], axis=1).to(dt).to(tl.float32)  # dt_proj, bias apart
     delta += tl.load(dtb_ptr + es, mask=e_ok, other=0.0).to(tl.float32)
     delta = tl.where(delta <= 20.0, tl.log(1.0 + tl.exp(delta)), delta)  # softplus
-    u = tl.load(u_ptr + b * E + es, mask=e_ok, other=0.0).to(tl.float32)
-    z = tl.load(z_ptr + b * stride_z + es, mask=e_ok, other=0.0).to(tl.float32)
+    z = tl.load(xz_ptr + b * stride_xz + E + es, mask=e_ok, other=0.0).to(tl.float32)
     en = es[:, None] * N + ns[None, :]
     a = tl.load(a_ptr + en, mask=e_ok[:, None], other=0.0)
     h = tl.load(h_ptr + b * E * N + en, mask=e_ok[:, None], other=0.0)
@@ -243,8 +265,9 @@ def _mamba_ssm_step_kernel(part_ptr, NP, dtn_ptr, bn_ptr, cn_ptr, eps, dtw_ptr, 
     tl.store(y_ptr + b * E + es, y.to(dt), mask=e_ok)
 
 
-# (conv+x_proj channels per program, state-update channels per program), from benchmarks/bench_kernels.py
-MAMBA_STEP_CONFIG = (128, 32)
+# (x_proj rows per program, channels per x_proj step, state-update channels per program), from
+# benchmarks/bench_kernels.py
+MAMBA_STEP_CONFIG = (8, 256, 32)
 
 
 def mamba_step(xz: torch.Tensor, conv_state: torch.Tensor, conv_w: torch.Tensor, conv_b: torch.Tensor | None,
@@ -255,20 +278,21 @@ def mamba_step(xz: torch.Tensor, conv_state: torch.Tensor, conv_w: torch.Tensor,
 
     Conv (silu), x_proj, the dt/B/C RMSNorms, dt_proj, softplus and the selective state update; the conv
     state (B, E, K-1) and SSM state (B, E, N) fp32 advance in place. Equal to that chain of PyTorch ops up
-    to fp32 summation order.
+    to fp32 summation order. N must be a power of two.
     """
     b, e = xz.shape[0], xz.shape[1] // 2
     k, rt, n = conv_w.shape[-1], x_proj.shape[0], A.shape[1]
-    be1, be2 = config or MAMBA_STEP_CONFIG
-    np_ = triton.cdiv(e, be1)
-    u = torch.empty(b, e, dtype=xz.dtype, device=xz.device)
-    part = torch.empty(b, np_, rt, dtype=torch.float32, device=xz.device)
-    _mamba_conv_xproj_kernel[(np_, b)](xz, conv_state, conv_w, conv_b if conv_b is not None else conv_w, x_proj,
-                                       u, part, e, rt, xz.stride(0), K=k, KP=triton.next_power_of_2(k),
-                                       HAS_BIAS=conv_b is not None, BLOCK_E=be1, BLOCK_R=32, num_warps=4)
-    y = torch.empty(b, e, dtype=xz.dtype, device=xz.device)
     r = rt - 2 * n
-    _mamba_ssm_step_kernel[(triton.cdiv(e, be2), b)](
-        part, np_, dt_norm, b_norm, c_norm, eps, dt_proj, dt_bias, A, D, u, xz[:, e:], xz.stride(0), ssm_state, y, e,
-        R=r, N=n, BLOCK_R=triton.next_power_of_2(r), BLOCK_P=16, BLOCK_E=be2, num_warps=4)
+    block_r, block_e, block_e2 = config or MAMBA_STEP_CONFIG
+    cb = conv_b if conv_b is not None else conv_w  # an unused pointer without bias
+    pdl = PDL.on and b == 1
+    xdbc = torch.empty(b, rt, dtype=xz.dtype, device=xz.device)
+    _mamba_xproj_kernel[(triton.cdiv(rt, block_r), b)](
+        xz, conv_state, conv_w, cb, x_proj, xdbc, e, rt, xz.stride(0), K=k, KP=triton.next_power_of_2(k),
+        HAS_BIAS=conv_b is not None, BLOCK_R=block_r, BLOCK_E=block_e, USE_PDL=pdl, num_warps=4, launch_pdl=pdl)
+    y = torch.empty(b, e, dtype=xz.dtype, device=xz.device)
+    _mamba_ssm_step_kernel[(triton.cdiv(e, block_e2), b)](
+        xdbc, dt_norm, b_norm, c_norm, eps, dt_proj, dt_bias, A, D, xz, conv_state, conv_w, cb, ssm_state, y, e,
+        xz.stride(0), R=r, N=n, BLOCK_R=triton.next_power_of_2(r), K=k, KP=triton.next_power_of_2(k),
+        HAS_BIAS=conv_b is not None, BLOCK_E=block_e2, USE_PDL=pdl, num_warps=4, launch_pdl=pdl)
     return y

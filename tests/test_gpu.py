@@ -88,17 +88,23 @@ def test_decode_equals_whole_prompt_on_kernel_path(fp32, batch, gemv_linears, mo
     assert _rel(torch.cat(steps, 1), whole) < 1e-4
 
 
-def test_graph_decode_equals_eager_decode(bf16):
-    ids = _ids(2, 50, 3)
+@pytest.mark.parametrize("batch, pdl", [(2, False), (1, False), (1, True)])
+def test_graph_decode_equals_eager_decode(bf16, batch, pdl, monkeypatch):
+    # with programmatic dependent launch the kernels overlap their starts, never their arithmetic
+    monkeypatch.setattr(kernels.cuda_ops().triton.PDL, "on", pdl)
+    ids = _ids(batch, 50, 3)
     with torch.no_grad():
-        caches = [make_cache(bf16.config, 2, dtype=torch.bfloat16, device="cuda", capacity=64, static=True)
+        caches = [make_cache(bf16.config, batch, dtype=torch.bfloat16, device="cuda", capacity=64, static=True)
                   for _ in range(2)]
         for cache in caches:
             bf16(ids[:, :30], cache)
         step = CUDAGraphDecoder(bf16, caches[1])
         for t in range(30, 50):
+            got = step(ids[:, t])
+            kernels.cuda_ops().triton.PDL.on = False
             want = bf16(ids[:, t:t + 1], caches[0])[:, -1]
-            assert torch.equal(step(ids[:, t]), want), t
+            kernels.cuda_ops().triton.PDL.on = pdl
+            assert torch.equal(got, want), t
     assert caches[1].offset == caches[0].offset == 50 and caches[1].pos.item() == 50
 
 
@@ -113,20 +119,22 @@ def test_moe_kernels_agree(bf16):
     experts = bf16.model.layers[1].feed_forward.experts
     g = torch.Generator(device="cuda").manual_seed(5)
     ops = kernels.cuda_ops()
-    for t in (1, 3, 40):
+    for t in (1, 3, 8, 40):
         x = torch.randn(t, bf16.config.hidden_size, device="cuda", generator=g).bfloat16()
-        w, idx = torch.randn(t, 4, device="cuda", generator=g).softmax(-1).topk(2)
+        logits = torch.randn(t, 4, device="cuda", generator=g).bfloat16().float()
+        w, idx = logits.softmax(-1).topk(2)
         w = w.bfloat16()
         kernels.use("torch")
         try:
             loop = experts(x, idx, w)
         finally:
             kernels.use("auto")
-        i = experts.down_proj.shape[-1]
-        fused = ops.gemv.swiglu_mlp(x, experts.gate_up_proj[:, :i], experts.gate_up_proj[:, i:], experts.down_proj,
-                                    idx, w)
-        assert _rel(fused, loop) < 1e-2
         assert _rel(experts._grouped(x, idx, w), loop) < 1e-2
+        if t <= 8:  # the decode kernels, routing from the logits themselves
+            i = experts.down_proj.shape[-1]
+            fused = ops.gemv.swiglu_mlp(x, experts.gate_up_proj[:, :i], experts.gate_up_proj[:, i:],
+                                        experts.down_proj, logits, 2)
+            assert _rel(fused, loop) < 1e-2
 
 
 def test_kernel_path_close_to_transformers_on_gpu(gpu_ckpt, bf16, fp32):
