@@ -28,6 +28,7 @@ from jamba_cli import kernels  # noqa: E402
 from jamba_cli.cache import make_cache  # noqa: E402
 from jamba_cli.config import JambaConfig  # noqa: E402
 from jamba_cli.generation import CUDAGraphDecoder, prefill_chunk_size  # noqa: E402
+from jamba_cli import model as model_module  # noqa: E402
 from jamba_cli.model import JambaForCausalLM  # noqa: E402
 
 GB = 1e9
@@ -83,15 +84,22 @@ VARIANTS = {"cublas_linears": {"GEMV_LINEARS": False}, "pdl": {"PDL": True},
             "pdl_cublas_linears": {"PDL": True, "GEMV_LINEARS": False}}
 
 
+# prefill is also timed with these switches flipped, at these prompt lengths
+PREFILL_VARIANTS = {"mamba_ssm_scan": ({"TRITON_SCAN": False}, (16384, 65536)),
+                    "cudnn_attention": ({"CUDNN_ATTENTION_MAX_TOKENS": 16384}, (2048, 16384))}
+
+
 def get_flag(name):
-    return kernels.cuda_ops().triton.PDL.on if name == "PDL" else getattr(kernels, name)
+    if name == "PDL":
+        return kernels.cuda_ops().triton.PDL.on
+    return getattr(model_module if name.startswith("CUDNN") else kernels, name)
 
 
 def set_flag(name, value):
     if name == "PDL":
         kernels.cuda_ops().triton.PDL.on = value
     else:
-        setattr(kernels, name, value)
+        setattr(model_module if name.startswith("CUDNN") else kernels, name, value)
 
 
 # ----------------------------------------------------------------------------------------------- ours
@@ -143,25 +151,6 @@ def bench_ours(cfg_dict: dict, lengths: list[int], chunk: int, steps: int, log, 
             except torch.OutOfMemoryError:
                 out["prefill"][n] = {"error": "out of memory", "peak_gb": peak_gb()}
             log(f"ours: prefill {n}: {out['prefill'][n]}")
-        out["prefill_triton_scan"] = {}
-        for n in (n for n in lengths if n <= warm_max):  # the same prompts with our Triton scan
-            kernels.TRITON_SCAN = True
-            try:
-                torch.cuda.empty_cache()
-                ids = torch.randint(0, config.vocab_size, (1, n), device="cuda", generator=g)
-                cache = make_cache(config, 1, dtype=torch.bfloat16, device="cuda", capacity=n)
-                prefill(ids, cache)
-                cache.reset()
-                t0 = sync()
-                prefill(ids, cache)
-                seconds = sync() - t0
-                out["prefill_triton_scan"][n] = {"tok_s": n / seconds, "seconds": seconds}
-                del cache, ids
-            except Exception as exc:
-                out["prefill_triton_scan"][n] = {"error": str(exc).splitlines()[0][:200]}
-            finally:
-                kernels.TRITON_SCAN = False
-            log(f"ours: prefill {n} with the Triton scan: {out['prefill_triton_scan'][n]}")
         if profile:
             from torch.profiler import ProfilerActivity, profile as torch_profile
 
@@ -239,6 +228,30 @@ def bench_ours(cfg_dict: dict, lengths: list[int], chunk: int, steps: int, log, 
                 "peak_gb": peak_gb()}
             log(f"ours: decode batch {batch}: {out['decode'][batch]}")
             del cache, step
+        out["prefill_variants"] = {}
+        for name, (flags, sizes) in PREFILL_VARIANTS.items():  # last: a variant may crash the process
+            res = out["prefill_variants"][name] = {}
+            for n in (n for n in lengths if n in sizes):
+                saved = {f: get_flag(f) for f in flags}
+                try:
+                    for f, v in flags.items():
+                        set_flag(f, v)
+                    torch.cuda.empty_cache()
+                    ids = torch.randint(0, config.vocab_size, (1, n), device="cuda", generator=g)
+                    cache = make_cache(config, 1, dtype=torch.bfloat16, device="cuda", capacity=n)
+                    prefill(ids, cache)
+                    cache.reset()
+                    t0 = sync()
+                    prefill(ids, cache)
+                    seconds = sync() - t0
+                    res[n] = {"tok_s": n / seconds, "seconds": seconds}
+                    del cache, ids
+                except Exception as exc:
+                    res[n] = {"error": str(exc).splitlines()[0][:200]}
+                finally:
+                    for f, v in saved.items():
+                        set_flag(f, v)
+                log(f"ours: prefill {n}, {name}: {res[n]}")
     del model
     return out
 

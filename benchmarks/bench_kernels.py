@@ -220,7 +220,7 @@ def mamba(r, summary):
     ref = chain(ref_conv, ref_ssm)
     conv1, ssm1 = conv0.clone(), ssm0.clone()  # states the timed runs advance (their values do not matter)
     res = {"torch_us": 1e3 * bench(lambda: chain(conv1, ssm1), 20), "fused": {}}
-    for cfg in itertools.product((4, 8, 16), (128, 256, 512), (16, 32, 64)):
+    for cfg in itertools.product((64, 128, 256), ((4, 1024, 4, 3), (2, 1024, 4, 3), (4, 512, 4, 3)), (16, 32, 64)):
         c, s = conv0.clone(), ssm0.clone()
         try:
             out = fused(c, s, cfg)

@@ -74,8 +74,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * xf.to(x.dtype)  # cast back before the weight, as LlamaRMSNorm does
 
 
-# Prefill's scan: our Triton kernel instead of mamba-ssm's (benchmarks/bench_scan.py)
-TRITON_SCAN = False
+# Prefill's scan: our Triton kernel instead of mamba-ssm's from 8K tokens, or 2K when continuing from a
+# state (benchmarks/bench_scan.py: 1.24x at 16K, 3.2x with a start state; slower than mamba-ssm at 2K)
+TRITON_SCAN = True
 
 # One-token linears of the shapes in triton_gemv.LINEAR_CONFIGS go through our GEMV (faster than cuBLAS
 # there, measured); False keeps every linear on cuBLAS
@@ -173,8 +174,10 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, Bm: to
     """
     h0 = state if resume else None
     ops = on_cuda(u, differentiable=h0 is None)
-    if ops is not None and TRITON_SCAN and not (torch.is_grad_enabled() and u.requires_grad):
-        y, last = ops.tscan.selective_scan(u, delta, A, Bm, Cm, D, z, delta_bias, h0=h0)
+    t = u.shape[-1]
+    if ops is not None and TRITON_SCAN and t >= (2048 if h0 is not None else 8192) \
+            and not (torch.is_grad_enabled() and u.requires_grad):
+        y, last = ops.tscan.selective_scan(u, delta, A, Bm, Cm, D, z, delta_bias, h0=h0, variant="chunked")
         if state is not None:
             state.copy_(last)
         return y

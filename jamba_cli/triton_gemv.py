@@ -30,14 +30,16 @@ MOE_CONFIGS = ((16, 512, 4, 3), (8, 1024, 4, 3))  # 3.82 and 4.06 TB/s at batch 
 def _gemv_kernel(x_ptr, w_ptr, out_ptr, N, K, stride_xt, stride_wn,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, USE_PDL: tl.constexpr):
     # out[t, rows] = W[rows] · x[t] for BLOCK_N rows of W (N, K)
-    pdl_enter(USE_PDL)
     t = tl.program_id(0)
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     w = w_ptr + rows[:, None].to(tl.int64) * stride_wn
     x = x_ptr + t * stride_xt
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    cols = tl.arange(0, BLOCK_K)
+    w0 = tl.load(w + cols[None, :], mask=row_ok[:, None] & (cols[None, :] < K), other=0.0)
+    pdl_enter(USE_PDL)  # the first weight tile is read before: weights are never written
+    acc = w0.to(tl.float32) * tl.load(x + cols, mask=cols < K, other=0.0).to(tl.float32)[None, :]
+    for k0 in range(BLOCK_K, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         if EVEN_K:
             xk = tl.load(x + cols).to(tl.float32)
@@ -111,18 +113,26 @@ def _swiglu_kernel(x_ptr, g_ptr, u_ptr, logits_ptr, out_ptr, H, I, X, stride_we,
                    TOP_K: tl.constexpr, ROUTED: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, USE_PDL: tl.constexpr):
     # one (token, slot) pair and BLOCK_N rows of its expert's gate and up projections -> silu(gate) * up
-    pdl_enter(USE_PDL)
     pair = tl.program_id(0)
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows[:, None] < I
-    expert = 0
-    if ROUTED:
+    if ROUTED:  # the router's logits come from the kernel just before
+        pdl_enter(USE_PDL)
         expert, _ = _pick(logits_ptr, pair // TOP_K, X, pair % TOP_K, TOP_K, BLOCK_X)
+    else:
+        expert = 0
     x_row = x_ptr + (pair // TOP_K) * H
     offs = expert * stride_we + rows[:, None].to(tl.int64) * stride_wn
-    gate = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    up = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for k0 in range(0, H, BLOCK_K):
+    cols = tl.arange(0, BLOCK_K)
+    ok = row_ok & (cols[None, :] < H)
+    g0 = tl.load(g_ptr + offs + cols[None, :], mask=ok, other=0.0)
+    u0 = tl.load(u_ptr + offs + cols[None, :], mask=ok, other=0.0)
+    if not ROUTED:  # dense: the first weight tiles are read before waiting
+        pdl_enter(USE_PDL)
+    xk = tl.load(x_row + cols, mask=cols < H, other=0.0).to(tl.float32)[None, :]
+    gate = g0.to(tl.float32) * xk
+    up = u0.to(tl.float32) * xk
+    for k0 in range(BLOCK_K, H, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         ok = row_ok if EVEN_K else row_ok & (cols[None, :] < H)
         xk = tl.load(x_row + cols, mask=cols < H, other=0.0).to(tl.float32)[None, :]
@@ -140,20 +150,31 @@ def _down_kernel(h_ptr, w_ptr, logits_ptr, out_ptr, H, I, X, stride_we, stride_w
                  TOP_K: tl.constexpr, ROUTED: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, USE_PDL: tl.constexpr):
     # one token and BLOCK_N output features, summed over its TOP_K experts (no atomics: deterministic)
-    pdl_enter(USE_PDL)
     token = tl.program_id(0)
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows[:, None] < H
     dt = out_ptr.dtype.element_ty
+    first = tl.arange(0, BLOCK_K)
+    # the first expert's first weight tile is read before waiting: the logits are two kernels old, and
+    # that kernel finished before the previous one passed its own wait
+    expert = 0
+    if ROUTED:
+        expert, prob = _pick(logits_ptr, token, X, 0, TOP_K, BLOCK_X)
+    w0 = tl.load(w_ptr + expert * stride_we + rows[:, None].to(tl.int64) * stride_wn + first[None, :],
+                 mask=row_ok & (first[None, :] < I), other=0.0)
+    pdl_enter(USE_PDL)
     total = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for j in tl.static_range(TOP_K):
         pair = token * TOP_K + j
-        expert = 0
         if ROUTED:
             expert, prob = _pick(logits_ptr, token, X, j, TOP_K, BLOCK_X)
         w = w_ptr + expert * stride_we + rows[:, None].to(tl.int64) * stride_wn
-        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        for k0 in range(0, I, BLOCK_K):
+        h0 = tl.load(h_ptr + pair * I + first, mask=first < I, other=0.0).to(tl.float32)[None, :]
+        if j == 0:
+            acc = w0.to(tl.float32) * h0
+        else:
+            acc = tl.load(w + first[None, :], mask=row_ok & (first[None, :] < I), other=0.0).to(tl.float32) * h0
+        for k0 in range(BLOCK_K, I, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
             ok = row_ok if EVEN_K else row_ok & (cols[None, :] < I)
             hk = tl.load(h_ptr + pair * I + cols, mask=cols < I, other=0.0).to(tl.float32)[None, :]

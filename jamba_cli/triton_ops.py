@@ -183,42 +183,25 @@ def add_initial_state(y0: torch.Tensor, z: torch.Tensor, cum: torch.Tensor, A: t
 
 
 @triton.jit
-def _conv_step(xz_ptr, state_ptr, cw_ptr, cb_ptr, b, es, e_ok, E, stride_xz,
-               K: tl.constexpr, KP: tl.constexpr, HAS_BIAS: tl.constexpr):
-    # the conv's output for channels es at this token, from the K-1 inputs in the state and this token's:
-    # silu in fp32, rounded to the model dtype (returned as fp32); also the state shifted by one
+def _mamba_conv_kernel(xz_ptr, state_ptr, cw_ptr, cb_ptr, u_ptr, E, stride_xz,
+                       K: tl.constexpr, KP: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_E: tl.constexpr,
+                       USE_PDL: tl.constexpr):
+    # the conv's output for BLOCK_E channels at this token, from the K-1 inputs in the state and this
+    # token's: silu in fp32, stored in the model dtype (the state is shifted later, by the SSM kernel)
+    pdl_enter(USE_PDL)
+    b = tl.program_id(1).to(tl.int64)
+    es = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
+    e_ok = es < E
     js = tl.arange(0, KP)
     new = tl.load(xz_ptr + b * stride_xz + es, mask=e_ok, other=0.0)
-    st = state_ptr + b * E * (K - 1) + es[:, None] * (K - 1) + js[None, :]
-    window = tl.load(st, mask=e_ok[:, None] & (js[None, :] < K - 1), other=0.0)  # (BLOCK_E, KP)
+    window = tl.load(state_ptr + b * E * (K - 1) + es[:, None] * (K - 1) + js[None, :],
+                     mask=e_ok[:, None] & (js[None, :] < K - 1), other=0.0)  # (BLOCK_E, KP)
     window = tl.where(js[None, :] == K - 1, new[:, None].to(window.dtype), window)
     w = tl.load(cw_ptr + es[:, None] * K + js[None, :], mask=e_ok[:, None] & (js[None, :] < K), other=0.0)
     y = tl.sum(window.to(tl.float32) * w.to(tl.float32), axis=1)
     if HAS_BIAS:
         y += tl.load(cb_ptr + es, mask=e_ok, other=0.0).to(tl.float32)
-    u = (y / (1.0 + tl.exp(-y))).to(xz_ptr.dtype.element_ty).to(tl.float32)
-    shifted = tl.load(st + 1, mask=e_ok[:, None] & (js[None, :] < K - 2), other=0.0)
-    shifted = tl.where(js[None, :] == K - 2, new[:, None].to(shifted.dtype), shifted)
-    return u, shifted, st
-
-
-@triton.jit
-def _mamba_xproj_kernel(xz_ptr, state_ptr, cw_ptr, cb_ptr, xw_ptr, out_ptr, E, RT, stride_xz,
-                        K: tl.constexpr, KP: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr,
-                        BLOCK_E: tl.constexpr, USE_PDL: tl.constexpr):
-    # BLOCK_R rows of x_proj applied to the conv's output, which each program recomputes for every
-    # channel (cheap, from L2) instead of waiting for another kernel; the states are left untouched here
-    pdl_enter(USE_PDL)
-    b = tl.program_id(1).to(tl.int64)
-    rs = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    acc = tl.zeros((BLOCK_R, BLOCK_E), dtype=tl.float32)
-    for e0 in range(0, E, BLOCK_E):
-        es = e0 + tl.arange(0, BLOCK_E)
-        e_ok = es < E
-        u, _, _ = _conv_step(xz_ptr, state_ptr, cw_ptr, cb_ptr, b, es, e_ok, E, stride_xz, K, KP, HAS_BIAS)
-        xw = tl.load(xw_ptr + rs[:, None] * E + es[None, :], mask=(rs[:, None] < RT) & e_ok[None, :], other=0.0)
-        acc += xw.to(tl.float32) * u[None, :]
-    tl.store(out_ptr + b * RT + rs, tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty), mask=rs < RT)
+    tl.store(u_ptr + b * E + es, (y / (1.0 + tl.exp(-y))).to(u_ptr.dtype.element_ty), mask=e_ok)
 
 
 @triton.jit
@@ -231,29 +214,34 @@ def _rms(x, w_ptr, n, eps, OK, dt):
 
 @triton.jit
 def _mamba_ssm_step_kernel(xdbc_ptr, dtn_ptr, bn_ptr, cn_ptr, eps, dtw_ptr, dtb_ptr, a_ptr, d_ptr,
-                           xz_ptr, conv_ptr, cw_ptr, cb_ptr, h_ptr, y_ptr, E, stride_xz,
+                           xz_ptr, u_ptr, conv_ptr, h_ptr, y_ptr, E, stride_xz,
                            R: tl.constexpr, N: tl.constexpr, BLOCK_R: tl.constexpr, K: tl.constexpr,
-                           KP: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_E: tl.constexpr, USE_PDL: tl.constexpr):
-    # BLOCK_E channels of one sequence: dt/B/C norms -> dt_proj -> softplus -> state update, and the
-    # conv state's shift (x_proj's kernel has read it by now)
+                           KP: tl.constexpr, BLOCK_E: tl.constexpr, USE_PDL: tl.constexpr):
+    # BLOCK_E channels of one sequence: dt/B/C norms -> dt_proj -> softplus -> state update; and the conv
+    # state's shift by one token (the conv kernel has read it by now)
     pdl_enter(USE_PDL)
     blk = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     dt = y_ptr.dtype.element_ty
     rs = tl.arange(0, BLOCK_R)
     ns = tl.arange(0, N)
+    es = blk * BLOCK_E + tl.arange(0, BLOCK_E)
+    e_ok = es < E
+    js = tl.arange(0, KP)
+    st = conv_ptr + b * E * (K - 1) + es[:, None] * (K - 1) + js[None, :]
+    shifted = tl.load(st + 1, mask=e_ok[:, None] & (js[None, :] < K - 2), other=0.0)
+    new = tl.load(xz_ptr + b * stride_xz + es, mask=e_ok, other=0.0)
+    tl.store(st, tl.where(js[None, :] == K - 2, new[:, None].to(shifted.dtype), shifted),
+             mask=e_ok[:, None] & (js[None, :] < K - 1))
     row = xdbc_ptr + b * (R + 2 * N)
     x_dt = _rms(tl.load(row + rs, mask=rs < R, other=0.0).to(tl.float32), dtn_ptr + rs, R, eps, rs < R, dt)
     x_b = _rms(tl.load(row + R + ns).to(tl.float32), bn_ptr + ns, N, eps, ns < N, dt)
     x_c = _rms(tl.load(row + R + N + ns).to(tl.float32), cn_ptr + ns, N, eps, ns < N, dt)
-    es = blk * BLOCK_E + tl.arange(0, BLOCK_E)
-    e_ok = es < E
-    u, shifted, st = _conv_step(xz_ptr, conv_ptr, cw_ptr, cb_ptr, b, es, e_ok, E, stride_xz, K, KP, HAS_BIAS)
-    tl.store(st, shifted, mask=e_ok[:, None] & (tl.arange(0, KP)[None, :] < K - 1))
     wdt = tl.load(dtw_ptr + es[:, None] * R + rs[None, :], mask=e_ok[:, None] & (rs[None, :] < R), other=0.0)
     delta = tl.sum(wdt.to(tl.float32) * x_dt[None, :], axis=1).to(dt).to(tl.float32)  # dt_proj, bias apart
     delta += tl.load(dtb_ptr + es, mask=e_ok, other=0.0).to(tl.float32)
     delta = tl.where(delta <= 20.0, tl.log(1.0 + tl.exp(delta)), delta)  # softplus
+    u = tl.load(u_ptr + b * E + es, mask=e_ok, other=0.0).to(tl.float32)
     z = tl.load(xz_ptr + b * stride_xz + E + es, mask=e_ok, other=0.0).to(tl.float32)
     en = es[:, None] * N + ns[None, :]
     a = tl.load(a_ptr + en, mask=e_ok[:, None], other=0.0)
@@ -265,34 +253,37 @@ def _mamba_ssm_step_kernel(xdbc_ptr, dtn_ptr, bn_ptr, cn_ptr, eps, dtw_ptr, dtb_
     tl.store(y_ptr + b * E + es, y.to(dt), mask=e_ok)
 
 
-# (x_proj rows per program, channels per x_proj step, state-update channels per program), from
+# (conv channels per program, x_proj GEMV config, state-update channels per program), from
 # benchmarks/bench_kernels.py
-MAMBA_STEP_CONFIG = (8, 256, 32)
+MAMBA_STEP_CONFIG = (128, (4, 1024, 4, 3), 32)
 
 
 def mamba_step(xz: torch.Tensor, conv_state: torch.Tensor, conv_w: torch.Tensor, conv_b: torch.Tensor | None,
                x_proj: torch.Tensor, dt_norm: torch.Tensor, b_norm: torch.Tensor, c_norm: torch.Tensor, eps: float,
                dt_proj: torch.Tensor, dt_bias: torch.Tensor, A: torch.Tensor, D: torch.Tensor,
                ssm_state: torch.Tensor, config=None) -> torch.Tensor:
-    """Mamba's decode step between in_proj and out_proj in two kernels: xz (B, 2E) -> y (B, E).
+    """Mamba's decode step between in_proj and out_proj in three kernels: xz (B, 2E) -> y (B, E).
 
-    Conv (silu), x_proj, the dt/B/C RMSNorms, dt_proj, softplus and the selective state update; the conv
+    Conv (silu); x_proj; the dt/B/C RMSNorms, dt_proj, softplus and the selective state update. The conv
     state (B, E, K-1) and SSM state (B, E, N) fp32 advance in place. Equal to that chain of PyTorch ops up
     to fp32 summation order. N must be a power of two.
     """
+    from .triton_gemv import gemv  # that module imports this one
+
     b, e = xz.shape[0], xz.shape[1] // 2
     k, rt, n = conv_w.shape[-1], x_proj.shape[0], A.shape[1]
-    r = rt - 2 * n
-    block_r, block_e, block_e2 = config or MAMBA_STEP_CONFIG
-    cb = conv_b if conv_b is not None else conv_w  # an unused pointer without bias
+    block_e, xproj_config, block_e2 = config or MAMBA_STEP_CONFIG
     pdl = PDL.on and b == 1
-    xdbc = torch.empty(b, rt, dtype=xz.dtype, device=xz.device)
-    _mamba_xproj_kernel[(triton.cdiv(rt, block_r), b)](
-        xz, conv_state, conv_w, cb, x_proj, xdbc, e, rt, xz.stride(0), K=k, KP=triton.next_power_of_2(k),
-        HAS_BIAS=conv_b is not None, BLOCK_R=block_r, BLOCK_E=block_e, USE_PDL=pdl, num_warps=4, launch_pdl=pdl)
+    u = torch.empty(b, e, dtype=xz.dtype, device=xz.device)
+    _mamba_conv_kernel[(triton.cdiv(e, block_e), b)](
+        xz, conv_state, conv_w, conv_b if conv_b is not None else conv_w, u, e, xz.stride(0), K=k,
+        KP=triton.next_power_of_2(k), HAS_BIAS=conv_b is not None, BLOCK_E=block_e, USE_PDL=pdl, num_warps=4,
+        launch_pdl=pdl)
+    xdbc = gemv(u, x_proj, xproj_config)  # (B, R + 2N)
     y = torch.empty(b, e, dtype=xz.dtype, device=xz.device)
+    r = rt - 2 * n
     _mamba_ssm_step_kernel[(triton.cdiv(e, block_e2), b)](
-        xdbc, dt_norm, b_norm, c_norm, eps, dt_proj, dt_bias, A, D, xz, conv_state, conv_w, cb, ssm_state, y, e,
+        xdbc, dt_norm, b_norm, c_norm, eps, dt_proj, dt_bias, A, D, xz, u, conv_state, ssm_state, y, e,
         xz.stride(0), R=r, N=n, BLOCK_R=triton.next_power_of_2(r), K=k, KP=triton.next_power_of_2(k),
-        HAS_BIAS=conv_b is not None, BLOCK_E=block_e2, USE_PDL=pdl, num_warps=4, launch_pdl=pdl)
+        BLOCK_E=block_e2, USE_PDL=pdl, num_warps=4, launch_pdl=pdl)
     return y

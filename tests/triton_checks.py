@@ -82,7 +82,7 @@ def check_mamba_step():
     dt, Bm, Cm = (kernels.rms_norm(v, w, 1e-6) for v, w in zip((dt, Bm, Cm), norms))
     ref = kernels.selective_state_update(ssm, u, F.linear(dt, dt_proj), A, Bm, Cm, D, z, dt_bias)
     conv2, ssm2 = conv0.clone(), ssm0.clone()
-    for config in ((8, 16, 8), (4, 64, 64)):  # several programs per sequence and channel steps, and one
+    for config in ((16, (8, 16, 1, 1), 8), (64, (4, 64, 1, 1), 64)):  # several programs per sequence, and one
         conv2.copy_(conv0), ssm2.copy_(ssm0)
         y = T.mamba_step(xz, conv2, conv_w, conv_b, x_proj, *norms, 1e-6, dt_proj, dt_bias, A, D, ssm2, config=config)
         close(y, ref, 1e-5)
