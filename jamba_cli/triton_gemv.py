@@ -124,9 +124,8 @@ def _swiglu_kernel(x_ptr, g_ptr, u_ptr, logits_ptr, out_ptr, H, I, X, stride_we,
     x_row = x_ptr + (pair // TOP_K) * H
     offs = expert * stride_we + rows[:, None].to(tl.int64) * stride_wn
     cols = tl.arange(0, BLOCK_K)
-    ok = row_ok & (cols[None, :] < H)
-    g0 = tl.load(g_ptr + offs + cols[None, :], mask=ok, other=0.0)
-    u0 = tl.load(u_ptr + offs + cols[None, :], mask=ok, other=0.0)
+    g0 = tl.load(g_ptr + offs + cols[None, :], mask=row_ok & (cols[None, :] < H), other=0.0)
+    u0 = tl.load(u_ptr + offs + cols[None, :], mask=row_ok & (cols[None, :] < H), other=0.0)
     if not ROUTED:  # dense: the first weight tiles are read before waiting
         pdl_enter(USE_PDL)
     xk = tl.load(x_row + cols, mask=cols < H, other=0.0).to(tl.float32)[None, :]

@@ -146,3 +146,27 @@ def test_kernel_path_close_to_transformers_on_gpu(gpu_ckpt, bf16, fp32):
         got32, got16 = fp32(ids), bf16(ids)
     assert _rel(got32, want32) < 2e-3
     assert _rel(got16, want32) < 1.5 * _rel(want16, want32) + 1e-2
+
+
+def test_decode_kernels_at_tile_multiples():
+    # model sizes that fill whole tiles take the kernels' unmasked (EVEN_K) paths, which tiny models miss
+    ops = kernels.cuda_ops()
+    g = torch.Generator(device="cuda").manual_seed(7)
+    h, i, x_n = 2048, 3072, 8
+
+    def randn(*shape):
+        return (torch.randn(*shape, device="cuda", generator=g) * 0.05).bfloat16()
+
+    x, gate, up, down = randn(1, h), randn(i, h), randn(i, h), randn(h, i)
+    want = torch.nn.functional.linear(ops.triton.silu_mul(x @ gate.T, x @ up.T), down)
+    assert _rel(ops.gemv.swiglu_mlp(x, gate, up, down), want) < 1e-2
+    gu, dn = randn(x_n, 2 * i, h), randn(x_n, h, i)
+    logits = torch.randn(1, x_n, device="cuda", generator=g).bfloat16().float()
+    w, idx = logits.softmax(-1).topk(2)
+    want = sum(w[0, j] * torch.nn.functional.linear(
+        ops.triton.silu_mul(x @ gu[idx[0, j], :i].T, x @ gu[idx[0, j], i:].T), dn[idx[0, j]]) for j in range(2))
+    got = ops.gemv.swiglu_mlp(x, gu[:, :i], gu[:, i:], dn, logits, 2)
+    assert _rel(got, want) < 1e-2
+    for n, k in ((4096, 8192), (1024, 4096), (300, 2048)):
+        wt, xv = randn(n, k), randn(1, k)
+        assert _rel(ops.gemv.gemv(xv, wt, (8, 1024, 4, 3)), xv @ wt.T) < 1e-2
