@@ -80,8 +80,7 @@ def peak_gb() -> float:
 
 
 # decode at batch 1 is also timed with these switches flipped (kernels.py and triton_ops.py flags)
-VARIANTS = {"cublas_linears": {"GEMV_LINEARS": False}, "pdl": {"PDL": True},
-            "pdl_cublas_linears": {"PDL": True, "GEMV_LINEARS": False}}
+VARIANTS = {"cublas_linears": {"GEMV_LINEARS": False}, "no_pdl": {"PDL": False}}
 
 
 # prefill is also timed with these switches flipped, at these prompt lengths

@@ -19,9 +19,10 @@ try:
 except ImportError:  # an older Triton: PDL stays off
     gdc_launch_dependents = gdc_wait = None
 
-# Programmatic dependent launch for the decode-step kernels: each may be launched while the kernel before
-# it finishes, and waits for its results before touching memory (benchmarks/bench_generate.py measures it)
-PDL = SimpleNamespace(on=False)
+# Programmatic dependent launch (Hopper and later) for the decode-step kernels: each may be launched while
+# the kernel before it finishes, reads its first weights, then waits for that kernel's results
+PDL = SimpleNamespace(on=gdc_wait is not None and torch.cuda.is_available()
+                      and torch.cuda.get_device_capability()[0] >= 9)
 
 
 @triton.jit
