@@ -79,24 +79,41 @@ def peak_gb() -> float:
     return torch.cuda.max_memory_allocated() / GB
 
 
-# decode at batch 1 is also timed with these switches flipped (kernels.py and triton_ops.py flags)
-VARIANTS = {"cublas_linears": {"GEMV_LINEARS": False}, "no_pdl": {"PDL": False}}
-
-
+# decode at batch 1 is also timed with these switches flipped: flags of kernels.py, PDL, or tile configs
+# of triton_gemv ("gemv:NAME" replaces a config, "gemv:(N, K)" adds a weight shape to LINEAR_CONFIGS)
+VARIANTS = {"cublas_linears": {"GEMV_LINEARS": False}, "no_pdl": {"PDL": False},
+            "gemv_in_proj_4_256": {"gemv:(16384, 4096)": (4, 256, 4, 3)},
+            "gemv_in_proj_16_512": {"gemv:(16384, 4096)": (16, 512, 4, 3)},
+            "gemv_in_proj_8_1024": {"gemv:(16384, 4096)": (8, 1024, 4, 3)},
+            "moe_8_1024_16_1024": {"gemv:MOE_CONFIGS": ((8, 1024, 4, 3), (16, 1024, 4, 3))},
+            "dense_8_512_8_1024": {"gemv:DENSE_CONFIGS": ((8, 512, 4, 3), (8, 1024, 4, 3))}}
 # prefill is also timed with these switches flipped, at these prompt lengths
 PREFILL_VARIANTS = {"mamba_ssm_scan": ({"TRITON_SCAN": False}, (16384, 65536)),
-                    "cudnn_attention": ({"CUDNN_ATTENTION_MAX_TOKENS": 16384}, (2048, 16384))}
+                    "flash_attention": ({"CUDNN_ATTENTION_MAX_TOKENS": 0}, (2048, 16384))}
+_MISSING = object()
 
 
 def get_flag(name):
     if name == "PDL":
         return kernels.cuda_ops().triton.PDL.on
+    if name.startswith("gemv:("):
+        return kernels.cuda_ops().gemv.LINEAR_CONFIGS.get(eval(name[5:]), _MISSING)
+    if name.startswith("gemv:"):
+        return getattr(kernels.cuda_ops().gemv, name[5:])
     return getattr(model_module if name.startswith("CUDNN") else kernels, name)
 
 
 def set_flag(name, value):
     if name == "PDL":
         kernels.cuda_ops().triton.PDL.on = value
+    elif name.startswith("gemv:("):
+        table = kernels.cuda_ops().gemv.LINEAR_CONFIGS
+        if value is _MISSING:
+            table.pop(eval(name[5:]), None)
+        else:
+            table[eval(name[5:])] = value
+    elif name.startswith("gemv:"):
+        setattr(kernels.cuda_ops().gemv, name[5:], value)
     else:
         setattr(model_module if name.startswith("CUDNN") else kernels, name, value)
 

@@ -93,7 +93,7 @@ class Attention(nn.Module):
 
 # cuDNN's SDPA fails (illegal memory access) on a 64K-token causal prompt on an H200 (torch 2.11, cu130):
 # it is only tried up to this many query tokens; FlashAttention-2 handles every length
-CUDNN_ATTENTION_MAX_TOKENS = 0
+CUDNN_ATTENTION_MAX_TOKENS = 16384  # 2-3% faster prefill than FlashAttention-2 at 2K and 16K tokens
 
 
 def _attention_backends(t: int):
@@ -176,9 +176,9 @@ class MambaMixer(nn.Module):
     def _step(self, x: torch.Tensor, cache: MambaCache) -> torch.Tensor:
         """One decode step for x (B, 1, H): the conv and SSM states advance by one token."""
         xz = _linear(self.in_proj, x[:, 0])  # (B, 2E)
-        ops = kernels.on_cuda(xz) if self.act in ("silu", "swish") and self.d_state & (self.d_state - 1) == 0 \
-            else None
-        if ops is not None:  # everything between in_proj and out_proj in two kernels
+        fused = xz.shape[0] == 1 and self.act in ("silu", "swish") and self.d_state & (self.d_state - 1) == 0
+        ops = kernels.on_cuda(xz) if fused else None
+        if ops is not None:  # batch 1: everything between in_proj and out_proj in three kernels
             y = ops.triton.mamba_step(xz, cache.conv, self.conv1d.weight.squeeze(1), self.conv1d.bias,
                                       self.x_proj.weight, self.dt_layernorm.weight, self.b_layernorm.weight,
                                       self.c_layernorm.weight, self.dt_layernorm.eps, self.dt_proj.weight,

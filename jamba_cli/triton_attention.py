@@ -21,13 +21,16 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_ops import PDL, pdl_enter
+
 
 @triton.jit
 def _split_kernel(q_ptr, kn_ptr, vn_ptr, k_ptr, v_ptr, pos_ptr, mask_ptr, m_ptr, l_ptr, acc_ptr,
                   G, D, n_splits, scale, sq_b, sq_a, skn_b, skn_g, svn_b, svn_g,
                   sk_b, sk_g, sk_s, sv_b, sv_g, sv_s, smask_b,
                   HPG: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr,
-                  BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+                  BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr):
+    pdl_enter(USE_PDL)
     bg = tl.program_id(0)
     split = tl.program_id(1)
     b = (bg // G).to(tl.int64)
@@ -86,7 +89,8 @@ def _split_kernel(q_ptr, kn_ptr, vn_ptr, k_ptr, v_ptr, pos_ptr, mask_ptr, m_ptr,
 
 @triton.jit
 def _combine_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, D, n_splits,
-                    BLOCK_SPLITS: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr):
+                    BLOCK_SPLITS: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr):
+    pdl_enter(USE_PDL)
     row = tl.program_id(0).to(tl.int64)  # one (sequence, query head)
     sp = tl.arange(0, BLOCK_SPLITS)
     m = tl.load(m_ptr + row * n_splits + sp, mask=sp < n_splits, other=float("-inf"))
@@ -152,6 +156,7 @@ def decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, 
         key_mask = key_mask.contiguous()
     mask = key_mask.view(torch.uint8) if key_mask is not None else pos  # pos: an unread placeholder
     block_d = max(16, triton.next_power_of_2(d))
+    pdl = PDL.on and b == 1
     _split_kernel[(b * g, n_splits)](
         q, k_new, v_new, cache_k, cache_v, pos, mask, m, l, acc, g, d, n_splits, d ** -0.5,
         q.stride(0), q.stride(1), k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
@@ -160,9 +165,9 @@ def decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, 
         key_mask.stride(0) if key_mask is not None else 0,
         HPG=hpg, HAS_MASK=key_mask is not None,
         PREC="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 dots exact, as torch's matmul is
-        BLOCK_H=max(16, triton.next_power_of_2(hpg)), BLOCK_S=block_s, BLOCK_D=block_d,
-        num_warps=warps, num_stages=stages)
+        BLOCK_H=max(16, triton.next_power_of_2(hpg)), BLOCK_S=block_s, BLOCK_D=block_d, USE_PDL=pdl,
+        num_warps=warps, num_stages=stages, launch_pdl=pdl)
     out = torch.empty(b, a, d, dtype=q.dtype, device=q.device)
     _combine_kernel[(b * a,)](m, l, acc, out, d, n_splits, BLOCK_SPLITS=triton.next_power_of_2(n_splits),
-                              CHUNK=16, BLOCK_D=block_d, num_warps=4)
+                              CHUNK=16, BLOCK_D=block_d, USE_PDL=pdl, num_warps=4, launch_pdl=pdl)
     return out
