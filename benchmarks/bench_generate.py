@@ -82,11 +82,9 @@ def peak_gb() -> float:
 # decode at batch 1 is also timed with these switches flipped: flags of kernels.py, PDL, or tile configs
 # of triton_gemv ("gemv:NAME" replaces a config, "gemv:(N, K)" adds a weight shape to LINEAR_CONFIGS)
 VARIANTS = {"cublas_linears": {"GEMV_LINEARS": False}, "no_pdl": {"PDL": False},
-            "gemv_in_proj_4_256": {"gemv:(16384, 4096)": (4, 256, 4, 3)},
-            "gemv_in_proj_16_512": {"gemv:(16384, 4096)": (16, 512, 4, 3)},
-            "gemv_in_proj_8_1024": {"gemv:(16384, 4096)": (8, 1024, 4, 3)},
-            "moe_8_1024_16_1024": {"gemv:MOE_CONFIGS": ((8, 1024, 4, 3), (16, 1024, 4, 3))},
-            "dense_8_512_8_1024": {"gemv:DENSE_CONFIGS": ((8, 512, 4, 3), (8, 1024, 4, 3))}}
+            "gemv_in_proj": {"gemv:(16384, 4096)": (4, 256, 4, 3)},
+            "moe_16_512_8_1024": {"gemv:MOE_CONFIGS": ((16, 512, 4, 3), (8, 1024, 4, 3))},
+            "dense_4_512_4_1024": {"gemv:DENSE_CONFIGS": ((4, 512, 4, 4), (4, 1024, 4, 4))}}
 # prefill is also timed with these switches flipped, at these prompt lengths
 PREFILL_VARIANTS = {"mamba_ssm_scan": ({"TRITON_SCAN": False}, (16384, 65536)),
                     "flash_attention": ({"CUDNN_ATTENTION_MAX_TOKENS": 0}, (2048, 16384))}

@@ -22,8 +22,11 @@ LINEAR_CONFIGS = {(4096, 8192): (8, 1024, 4, 3),  # Jamba-Mini out_proj: 3050 vs
                   (4096, 4096): (8, 512, 8, 3),  # q_proj, o_proj: 2661 vs 2379
                   (1024, 4096): (4, 1024, 8, 3),  # k_proj, v_proj: 1187 vs 1075
                   (65536, 4096): (8, 256, 4, 3)}  # lm_head: 4045 vs 3859
-DENSE_CONFIGS = ((4, 512, 4, 4), (4, 1024, 4, 4))  # SwiGLU, down: 3594 vs 3483 GB/s for cuBLAS + silu_mul
-MOE_CONFIGS = ((16, 512, 4, 3), (8, 1024, 4, 3))  # 3.82 and 4.06 TB/s at batch 1
+# SwiGLU and down kernels, dense and experts: picked by whole decode steps (bench_generate.py's variants,
+# results/generate_h200_tuning.json: 144.0 -> 151.0 tok/s for the expert tiles, 145.2 for the dense ones),
+# from the best few of bench_kernels.py's sweeps of each kernel alone
+DENSE_CONFIGS = ((8, 512, 4, 3), (8, 1024, 4, 3))
+MOE_CONFIGS = ((8, 1024, 4, 3), (16, 1024, 4, 3))
 
 
 @triton.jit
