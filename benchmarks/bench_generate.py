@@ -28,7 +28,6 @@ from jamba_cli import kernels  # noqa: E402
 from jamba_cli.cache import make_cache  # noqa: E402
 from jamba_cli.config import JambaConfig  # noqa: E402
 from jamba_cli.generation import CUDAGraphDecoder, prefill_chunk_size  # noqa: E402
-from jamba_cli import model as model_module  # noqa: E402
 from jamba_cli.model import JambaForCausalLM  # noqa: E402
 
 GB = 1e9
@@ -86,8 +85,7 @@ VARIANTS = {"cublas_linears": {"GEMV_LINEARS": False}, "no_pdl": {"PDL": False},
             "moe_16_512_8_1024": {"gemv:MOE_CONFIGS": ((16, 512, 4, 3), (8, 1024, 4, 3))},
             "dense_4_512_4_1024": {"gemv:DENSE_CONFIGS": ((4, 512, 4, 4), (4, 1024, 4, 4))}}
 # prefill is also timed with these switches flipped, at these prompt lengths
-PREFILL_VARIANTS = {"mamba_ssm_scan": ({"TRITON_SCAN": False}, (16384, 65536)),
-                    "flash_attention": ({"CUDNN_ATTENTION_MAX_TOKENS": 0}, (2048, 16384))}
+PREFILL_VARIANTS = {"mamba_ssm_scan": ({"TRITON_SCAN": False}, (16384, 65536))}
 _MISSING = object()
 
 
@@ -98,7 +96,7 @@ def get_flag(name):
         return kernels.cuda_ops().gemv.LINEAR_CONFIGS.get(eval(name[5:]), _MISSING)
     if name.startswith("gemv:"):
         return getattr(kernels.cuda_ops().gemv, name[5:])
-    return getattr(model_module if name.startswith("CUDNN") else kernels, name)
+    return getattr(kernels, name)
 
 
 def set_flag(name, value):
@@ -113,7 +111,7 @@ def set_flag(name, value):
     elif name.startswith("gemv:"):
         setattr(kernels.cuda_ops().gemv, name[5:], value)
     else:
-        setattr(model_module if name.startswith("CUDNN") else kernels, name, value)
+        setattr(kernels, name, value)
 
 
 # ----------------------------------------------------------------------------------------------- ours

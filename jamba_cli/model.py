@@ -60,7 +60,7 @@ class Attention(nn.Module):
         v = _linear(self.v_proj, x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         gqa = self.n_kv != self.n_heads
         if cache is None:
-            with _attention_backends(t):
+            with _attention_backends():
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and t > 1,
                                                      enable_gqa=gqa)
         elif t == 1 and pos is not None:  # static cache: position from the device, so a CUDA graph can replay
@@ -85,22 +85,17 @@ class Attention(nn.Module):
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(t, offset + t),
                                                      enable_gqa=gqa)
             else:
-                with _attention_backends(t):
+                with _attention_backends():
                     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                                          enable_gqa=gqa)
         return _linear(self.o_proj, out.transpose(1, 2).reshape(b, t, -1))
 
 
-# cuDNN's SDPA fails (illegal memory access) on a 64K-token causal prompt on an H200 (torch 2.11, cu130):
-# it is only tried up to this many query tokens; FlashAttention-2 handles every length
-CUDNN_ATTENTION_MAX_TOKENS = 16384  # 2-3% faster prefill than FlashAttention-2 at 2K and 16K tokens
-
-
-def _attention_backends(t: int):
-    order = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-    if t <= CUDNN_ATTENTION_MAX_TOKENS:
-        order.insert(0, SDPBackend.CUDNN_ATTENTION)
-    return sdpa_kernel(order, set_priority=True)
+def _attention_backends():
+    # cuDNN's SDPA fails (illegal memory access) on a 64K-token causal prompt on an H200 (torch 2.11,
+    # cu130), and below that it is no faster than FlashAttention-2 yet builds a plan for every new prompt
+    # length (+40-70 ms to the first token, benchmarks/results/generate_h200_tuning.json)
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None):
