@@ -8,6 +8,7 @@ the PyTorch version materialises a tensor in that dtype.
 
 from __future__ import annotations
 
+import os
 from types import SimpleNamespace
 
 import torch
@@ -21,8 +22,8 @@ except ImportError:  # an older Triton: PDL stays off
 
 # Programmatic dependent launch (Hopper and later) for the decode-step kernels: each may be launched while
 # the kernel before it finishes, reads its first weights, then waits for that kernel's results
-PDL = SimpleNamespace(on=gdc_wait is not None and torch.cuda.is_available()
-                      and torch.cuda.get_device_capability()[0] >= 9)
+PDL = SimpleNamespace(on=gdc_wait is not None and os.environ.get("TRITON_INTERPRET") != "1"
+                      and torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9)
 
 
 @triton.jit
