@@ -76,6 +76,23 @@ def test_chunked_prompt_equals_whole_on_kernel_path(fp32, cuts):
     assert _rel(parts, whole) < 1e-4
 
 
+def test_long_prompt_on_the_triton_scan(fp32):
+    # 9000 tokens at once, and in chunks of 3000: the whole prompt and the two resumed chunks take our Triton
+    # scan (from 8K tokens, or 2K with a start state), the first chunk mamba-ssm's
+    ids = _ids(1, 9000, 8)
+    with torch.no_grad():
+        whole = fp32(ids)
+        cache = make_cache(fp32.config, 1, dtype=torch.float32, device="cuda")
+        parts = torch.cat([fp32(ids[:, a:a + 3000], cache) for a in (0, 3000, 6000)], 1)
+        kernels.use("torch")
+        try:
+            plain = fp32(ids)
+        finally:
+            kernels.use("auto")
+    assert _rel(parts, whole) < 1e-4
+    assert _rel(whole, plain) < 2e-3
+
+
 @pytest.mark.parametrize("batch, gemv_linears", [(2, False), (1, False), (1, True)])
 def test_decode_equals_whole_prompt_on_kernel_path(fp32, batch, gemv_linears, monkeypatch):
     # batch 1 takes the one-token kernels (fused dense MLP, optionally our GEMV for every linear)
