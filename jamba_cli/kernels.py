@@ -1,7 +1,9 @@
-"""Mamba kernels: depthwise causal conv and the selective scan, whole-prompt and one-step, plus RMSNorm.
+"""Kernel dispatch: Mamba's causal conv and selective scan (whole-prompt and one-step), RMSNorm with the
+residual add, SwiGLU, the MoE combine, and which one-token linears take our GEMV.
 
-Each function runs the CUDA kernels of mamba-ssm / causal-conv1d (and our Triton ones) when its input is
-on a GPU and they are installed, and plain PyTorch everywhere else; `use("torch")` forces the latter.
+Each function runs the CUDA kernels of mamba-ssm / causal-conv1d and our Triton ones (`cuda_ops()`) when
+its input is on a GPU and they are installed, and plain PyTorch everywhere else; `use("torch")` forces the
+latter. The model calls the decode-step Triton kernels through `cuda_ops()` directly.
 Layouts follow those kernels: x, u, delta, z: (B, E, T); A: (E, N) float32; Bm, Cm: (B, N, T);
 D, delta_bias: (E,); conv state: (B, E, K-1) model dtype; SSM state: (B, E, N) float32.
 States passed in are updated in place.
