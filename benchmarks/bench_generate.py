@@ -17,6 +17,8 @@ import math
 import sys
 import time
 import traceback
+import types
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -78,40 +80,51 @@ def peak_gb() -> float:
     return torch.cuda.max_memory_allocated() / GB
 
 
-# decode at batch 1 is also timed with these switches flipped: flags of kernels.py, PDL, or tile configs
-# of triton_gemv ("gemv:NAME" replaces a config, "gemv:(N, K)" adds a weight shape to LINEAR_CONFIGS)
-VARIANTS = {"cublas_linears": {"GEMV_LINEARS": False}, "no_pdl": {"PDL": False},
-            "gemv_in_proj": {"gemv:(16384, 4096)": (4, 256, 4, 3)},
-            "moe_16_512_8_1024": {"gemv:MOE_CONFIGS": ((16, 512, 4, 3), (8, 1024, 4, 3))},
-            "dense_4_512_4_1024": {"gemv:DENSE_CONFIGS": ((4, 512, 4, 4), (4, 1024, 4, 4))}}
-# prefill is also timed with these switches flipped, at these prompt lengths
-PREFILL_VARIANTS = {"mamba_ssm_scan": ({"TRITON_SCAN": False}, (16384, 65536))}
+# Decode at batch 1 and prefill are also timed with other kernel choices: each variant is a list of
+# (where, key, value) switched for its run; `where` is a module, or a function giving the object or dict
+def _gemv():
+    return kernels.cuda_ops().gemv
+
+
+def _pdl():
+    return kernels.cuda_ops().triton.PDL
+
+
+def _linear_configs():
+    return kernels.cuda_ops().gemv.LINEAR_CONFIGS
+
+
+VARIANTS = {"cublas_linears": [(kernels, "GEMV_LINEARS", False)], "no_pdl": [(_pdl, "on", False)],
+            "gemv_in_proj": [(_linear_configs, (16384, 4096), (4, 256, 4, 3))],
+            "moe_16_512_8_1024": [(_gemv, "MOE_CONFIGS", ((16, 512, 4, 3), (8, 1024, 4, 3)))],
+            "dense_4_512_4_1024": [(_gemv, "DENSE_CONFIGS", ((4, 512, 4, 4), (4, 1024, 4, 4)))]}
+# prefill variants: (switches, the prompt lengths to time)
+PREFILL_VARIANTS = {"mamba_ssm_scan": ([(kernels, "TRITON_SCAN", False)], (16384, 65536))}
 _MISSING = object()
 
 
-def get_flag(name):
-    if name == "PDL":
-        return kernels.cuda_ops().triton.PDL.on
-    if name.startswith("gemv:("):
-        return kernels.cuda_ops().gemv.LINEAR_CONFIGS.get(eval(name[5:]), _MISSING)
-    if name.startswith("gemv:"):
-        return getattr(kernels.cuda_ops().gemv, name[5:])
-    return getattr(kernels, name)
-
-
-def set_flag(name, value):
-    if name == "PDL":
-        kernels.cuda_ops().triton.PDL.on = value
-    elif name.startswith("gemv:("):
-        table = kernels.cuda_ops().gemv.LINEAR_CONFIGS
-        if value is _MISSING:
-            table.pop(eval(name[5:]), None)
-        else:
-            table[eval(name[5:])] = value
-    elif name.startswith("gemv:"):
-        setattr(kernels.cuda_ops().gemv, name[5:], value)
-    else:
-        setattr(kernels, name, value)
+@contextmanager
+def switched(changes):
+    """Apply a variant's switches for the duration of the block, then restore what was there."""
+    undo = []
+    try:
+        for where, key, value in changes:
+            obj = where if isinstance(where, types.ModuleType) else where()
+            if isinstance(obj, dict):
+                undo.append((obj, key, obj.get(key, _MISSING)))
+                obj[key] = value
+            else:
+                undo.append((obj, key, getattr(obj, key)))
+                setattr(obj, key, value)
+        yield
+    finally:
+        for obj, key, old in reversed(undo):
+            if not isinstance(obj, dict):
+                setattr(obj, key, old)
+            elif old is _MISSING:
+                obj.pop(key, None)
+            else:
+                obj[key] = old
 
 
 # ----------------------------------------------------------------------------------------------- ours
@@ -135,6 +148,31 @@ def bench_ours(cfg_dict: dict, lengths: list[int], chunk: int, steps: int, log, 
             logits = model(ids[:, s:s + step], cache, last_only=True)
         return logits
 
+    def timed_prefill(n, warm):
+        """Seconds to prefill n random tokens into a fresh cache (after an untimed first run if `warm`),
+        and those of the first run."""
+        ids = torch.randint(0, config.vocab_size, (1, n), device="cuda", generator=g)
+        cache = make_cache(config, 1, dtype=torch.bfloat16, device="cuda", capacity=n)
+        cold = None
+        if warm:  # a first run at this length: the allocator grows, cuBLAS picks kernels
+            t0 = sync()
+            prefill(ids, cache)
+            cold = sync() - t0
+            cache.reset()
+            torch.cuda.reset_peak_memory_stats()
+        t0 = sync()
+        prefill(ids, cache)
+        return sync() - t0, cold
+
+    def timed_steps(step, tok):
+        """(last token, seconds) of `steps` graph-replayed decode steps after 3 untimed ones."""
+        for _ in range(3):
+            tok = step(tok).argmax(-1)
+        t0 = sync()
+        for _ in range(steps):
+            tok = step(tok).argmax(-1)
+        return tok, sync() - t0
+
     with torch.inference_mode():
         ids = torch.randint(0, config.vocab_size, (1, 512), device="cuda", generator=g)
         out["logits_512"] = model(ids, last_only=True)[0, -1].float().cpu().tolist()  # parity with transformers
@@ -145,21 +183,9 @@ def bench_ours(cfg_dict: dict, lengths: list[int], chunk: int, steps: int, log, 
             try:
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
-                ids = torch.randint(0, config.vocab_size, (1, n), device="cuda", generator=g)
-                cache = make_cache(config, 1, dtype=torch.bfloat16, device="cuda", capacity=n)
-                cold = None
-                if n <= warm_max:  # a first run at this length: the allocator grows, cuBLAS picks kernels
-                    t0 = sync()
-                    prefill(ids, cache)
-                    cold = sync() - t0
-                    cache.reset()
-                    torch.cuda.reset_peak_memory_stats()
-                t0 = sync()
-                prefill(ids, cache)
-                seconds = sync() - t0
+                seconds, cold = timed_prefill(n, warm=n <= warm_max)
                 out["prefill"][n] = {"tok_s": n / seconds, "seconds": seconds, "cold_seconds": cold,
                                      "peak_gb": peak_gb()}
-                del cache, ids
             except torch.OutOfMemoryError:
                 out["prefill"][n] = {"error": "out of memory", "peak_gb": peak_gb()}
             log(f"ours: prefill {n}: {out['prefill'][n]}")
@@ -189,36 +215,20 @@ def bench_ours(cfg_dict: dict, lengths: list[int], chunk: int, steps: int, log, 
             t0 = sync()
             step = CUDAGraphDecoder(model, cache)
             capture = sync() - t0
-            for _ in range(3):
-                tok = step(tok).argmax(-1)
-            t0 = sync()
-            for _ in range(steps):
-                tok = step(tok).argmax(-1)
-            graph_s = sync() - t0
+            tok, graph_s = timed_steps(step, tok)
             t0 = sync()
             for _ in range(steps):  # as the CLI does: the token goes to the host every step
                 tok = step(tok).argmax(-1)
                 tok.cpu()
             synced_s = sync() - t0
             variants = {}
-            for name, flags in VARIANTS.items() if batch == 1 else ():  # the same step, other kernel choices
-                saved = {f: get_flag(f) for f in flags}
+            for name, changes in VARIANTS.items() if batch == 1 else ():  # the same step, other kernels
                 try:
-                    for f, v in flags.items():
-                        set_flag(f, v)
-                    alt = CUDAGraphDecoder(model, cache)
-                    for _ in range(3):
-                        tok = alt(tok).argmax(-1)
-                    t0 = sync()
-                    for _ in range(steps):
-                        tok = alt(tok).argmax(-1)
-                    variants[name] = steps / (sync() - t0)
-                    del alt
+                    with switched(changes):
+                        tok, seconds = timed_steps(CUDAGraphDecoder(model, cache), tok)
+                    variants[name] = steps / seconds
                 except Exception as exc:
                     variants[name] = str(exc).splitlines()[0][:200]
-                finally:
-                    for f, v in saved.items():
-                        set_flag(f, v)
             if profile and batch == 1:
                 from torch.profiler import ProfilerActivity, profile as torch_profile
 
@@ -241,28 +251,16 @@ def bench_ours(cfg_dict: dict, lengths: list[int], chunk: int, steps: int, log, 
             log(f"ours: decode batch {batch}: {out['decode'][batch]}")
             del cache, step
         out["prefill_variants"] = {}
-        for name, (flags, sizes) in PREFILL_VARIANTS.items():  # last: a variant may crash the process
+        for name, (changes, sizes) in PREFILL_VARIANTS.items():  # last: a variant may crash the process
             res = out["prefill_variants"][name] = {}
             for n in (n for n in lengths if n in sizes):
-                saved = {f: get_flag(f) for f in flags}
                 try:
-                    for f, v in flags.items():
-                        set_flag(f, v)
                     torch.cuda.empty_cache()
-                    ids = torch.randint(0, config.vocab_size, (1, n), device="cuda", generator=g)
-                    cache = make_cache(config, 1, dtype=torch.bfloat16, device="cuda", capacity=n)
-                    prefill(ids, cache)
-                    cache.reset()
-                    t0 = sync()
-                    prefill(ids, cache)
-                    seconds = sync() - t0
+                    with switched(changes):
+                        seconds, _ = timed_prefill(n, warm=True)
                     res[n] = {"tok_s": n / seconds, "seconds": seconds}
-                    del cache, ids
                 except Exception as exc:
                     res[n] = {"error": str(exc).splitlines()[0][:200]}
-                finally:
-                    for f, v in saved.items():
-                        set_flag(f, v)
                 log(f"ours: prefill {n}, {name}: {res[n]}")
     del model
     return out
