@@ -36,16 +36,22 @@ def pdl_enter(USE_PDL: tl.constexpr):
 
 
 @triton.jit
+def _rms(x, w_ptr, n, eps, OK, dt):
+    # RMSNorm of an fp32 vector whose masked-off entries are 0, rounded as the RMSNorm module rounds
+    rstd = tl.rsqrt(tl.sum(x * x, axis=0) / n + eps)
+    w = tl.load(w_ptr, mask=OK, other=0.0).to(tl.float32)
+    return (w * (x * rstd).to(dt).to(tl.float32)).to(dt).to(tl.float32)
+
+
+@triton.jit
 def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, n_cols, x_row_stride, out_row_stride, eps,
                      BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
     x = tl.load(x_ptr + row * x_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
-    rstd = tl.rsqrt(tl.sum(x * x, axis=0) / n_cols + eps)
-    y = (x * rstd).to(out_ptr.dtype.element_ty).to(tl.float32)  # cast back, then weight (LlamaRMSNorm)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * out_row_stride + cols, (w * y).to(out_ptr.dtype.element_ty), mask=mask)
+    y = _rms(x, w_ptr + cols, n_cols, eps, mask, out_ptr.dtype.element_ty)
+    tl.store(out_ptr + row * out_row_stride + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -60,10 +66,8 @@ def _add_rms_norm_kernel(h_ptr, y_ptr, w_ptr, sum_ptr, out_ptr, n_cols, eps, BLO
     y = tl.load(y_ptr + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
     s = (h + y).to(dt)  # the residual stream, rounded as `h + y` is
     tl.store(sum_ptr + row * n_cols + cols, s, mask=mask)
-    x = s.to(tl.float32)
-    rstd = tl.rsqrt(tl.sum(x * x, axis=0) / n_cols + eps)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * n_cols + cols, (w * (x * rstd).to(dt).to(tl.float32)).to(dt), mask=mask)
+    tl.store(out_ptr + row * n_cols + cols, _rms(s.to(tl.float32), w_ptr + cols, n_cols, eps, mask, dt).to(dt),
+             mask=mask)
 
 
 def add_rms_norm(h: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, eps: float):
@@ -204,14 +208,6 @@ def _mamba_conv_kernel(xz_ptr, state_ptr, cw_ptr, cb_ptr, u_ptr, E, stride_xz,
     if HAS_BIAS:
         y += tl.load(cb_ptr + es, mask=e_ok, other=0.0).to(tl.float32)
     tl.store(u_ptr + b * E + es, (y / (1.0 + tl.exp(-y))).to(u_ptr.dtype.element_ty), mask=e_ok)
-
-
-@triton.jit
-def _rms(x, w_ptr, n, eps, OK, dt):
-    # RMSNorm of an fp32 vector whose masked-off entries are 0, rounded as the RMSNorm module rounds
-    rstd = tl.rsqrt(tl.sum(x * x, axis=0) / n + eps)
-    w = tl.load(w_ptr, mask=OK, other=0.0).to(tl.float32)
-    return (w * (x * rstd).to(dt).to(tl.float32)).to(dt).to(tl.float32)
 
 
 @triton.jit

@@ -67,6 +67,20 @@ def _tile_time_major(dt, u, bt, ct, a2, h):
 
 
 @triton.jit
+def _tile_inputs(t0, t_hi, e_ok, bias, u_rows, dt_rows, b_rows, su_t, sd_t, sb_t, BLOCK_T: tl.constexpr):
+    # one tile of tokens t0..t0+BLOCK_T: u and Δ = softplus(delta + bias) (BLOCK_E, BLOCK_T), B (N, BLOCK_T);
+    # Δ = 0 past the end, so the state passes through padding unchanged
+    ts = t0 + tl.arange(0, BLOCK_T)
+    t_ok = ts < t_hi
+    m = e_ok[:, None] & t_ok[None, :]
+    u = tl.load(u_rows + ts[None, :] * su_t, mask=m, other=0.0).to(tl.float32)
+    dt = tl.load(dt_rows + ts[None, :] * sd_t, mask=m, other=0.0).to(tl.float32)
+    dt = tl.where(m, _softplus(dt + bias[:, None]), 0.0)
+    bt = tl.load(b_rows + ts[None, :] * sb_t, mask=t_ok[None, :], other=0.0).to(tl.float32)
+    return ts, t_ok, m, u, dt, bt
+
+
+@triton.jit
 def _scan_kernel(u_ptr, dt_ptr, z_ptr, a_ptr, b_ptr, c_ptr, d_ptr, bias_ptr, h0_ptr, y_ptr, last_ptr,
                  E, T, CHUNK, NC,
                  su_b, su_e, su_t, sd_b, sd_e, sd_t, sz_b, sz_e, sz_t,
@@ -98,13 +112,8 @@ def _scan_kernel(u_ptr, dt_ptr, z_ptr, a_ptr, b_ptr, c_ptr, d_ptr, bias_ptr, h0_
     if TIME_MAJOR:
         h = tl.trans(h)  # (N, BLOCK_E) for the whole loop
     for t0 in range(t_lo, t_hi, BLOCK_T):
-        ts = t0 + tl.arange(0, BLOCK_T)
-        t_ok = ts < t_hi
-        m = e_ok[:, None] & t_ok[None, :]
-        u = tl.load(u_rows + ts[None, :] * su_t, mask=m, other=0.0).to(tl.float32)
-        dt = tl.load(dt_rows + ts[None, :] * sd_t, mask=m, other=0.0).to(tl.float32)
-        dt = tl.where(m, _softplus(dt + bias[:, None]), 0.0)  # Δ = 0 past the end: the state passes through
-        bt = tl.load(b_rows + ts[None, :] * sb_t, mask=t_ok[None, :], other=0.0).to(tl.float32)  # (N, BLOCK_T)
+        ts, t_ok, m, u, dt, bt = _tile_inputs(t0, t_hi, e_ok, bias, u_rows, dt_rows, b_rows, su_t, sd_t, sb_t,
+                                              BLOCK_T)
         ct = tl.load(c_rows + ts[None, :] * sc_t, mask=t_ok[None, :], other=0.0).to(tl.float32)
         if TIME_MAJOR:
             hc, h = _tile_time_major(dt, u, bt, ct, a2, h)
@@ -142,13 +151,7 @@ def _chunk_state_kernel(u_ptr, dt_ptr, a_ptr, b_ptr, bias_ptr, hend_ptr, dsum_pt
     t_lo = c * CHUNK
     t_hi = tl.minimum(T, t_lo + CHUNK)
     for t0 in range(t_lo, t_hi, BLOCK_T):
-        ts = t0 + tl.arange(0, BLOCK_T)
-        t_ok = ts < t_hi
-        m = e_ok[:, None] & t_ok[None, :]
-        u = tl.load(u_rows + ts[None, :] * su_t, mask=m, other=0.0).to(tl.float32)
-        dt = tl.load(dt_rows + ts[None, :] * sd_t, mask=m, other=0.0).to(tl.float32)
-        dt = tl.where(m, _softplus(dt + bias[:, None]), 0.0)
-        bt = tl.load(b_rows + ts[None, :] * sb_t, mask=t_ok[None, :], other=0.0).to(tl.float32)
+        _, _, _, u, dt, bt = _tile_inputs(t0, t_hi, e_ok, bias, u_rows, dt_rows, b_rows, su_t, sd_t, sb_t, BLOCK_T)
         cum = tl.cumsum(dt, axis=1)
         tile = tl.sum(dt, axis=1)
         rest = tile[:, None] - cum  # Δ summed over the steps after t, to the tile's end
