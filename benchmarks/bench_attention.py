@@ -1,6 +1,11 @@
-"""Decode-step attention over a static cache: the model's PyTorch path vs the fused Triton kernels (one GPU).
+"""Attention: our Triton kernels against the paths they replace (one GPU).
 
-    python benchmarks/bench_attention.py --out attn.json
+    python benchmarks/bench_attention.py --out attn.json [--skip-decode]
+
+Prefill: causal attention over T = 2K, 16K and 64K new tokens, our kernel (a sweep of configs) against
+torch's SDPA with FlashAttention-2 (the model's fallback) and cuDNN, errors against an fp32 computation.
+
+Decode: a step over a static cache, the model's PyTorch path vs the fused Triton kernels.
 
 Jamba-Mini's attention shape (A=32 query heads, G=8 K/V heads, Dh=128, bf16) at batch 1 and 8, with
 positions 2047 and 65535 cached. Both paths are captured in CUDA graphs, as the decode step is. The
@@ -124,12 +129,72 @@ def run_case(b: int, p: int) -> dict:
     return res
 
 
+PREFILL_CONFIGS = [(128, 128, 8, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 128, 4, 3),
+                   (128, 32, 4, 3)]
+
+
+def prefill_case(t: int) -> dict:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention.bias import causal_lower_right
+
+    gen = torch.Generator(device="cuda").manual_seed(t)
+    # as the model makes them: (B, T, heads, Dh) projections seen as (B, heads, T, Dh)
+    q = torch.randn(1, t, A, D, device="cuda", generator=gen).bfloat16().transpose(1, 2)
+    k, v = torch.randn(2, 1, t, G, D, device="cuda", generator=gen).bfloat16().transpose(2, 3)
+    flops = 4 * t * t / 2 * D * A  # causal: half of QK^T and of PV
+    rep = 30 if t > 20000 else 200
+
+    def time_ms(fn):
+        return triton.testing.do_bench(fn, warmup=10, rep=rep, return_mode="median")
+
+    n = min(t, 4096)  # the fp32 reference on the last n queries (all keys): memory stays small
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q[:, :, -n:].float(), k.float().repeat_interleave(A // G, 1), v.float().repeat_interleave(A // G, 1),
+        attn_mask=causal_lower_right(n, t))
+    res = {"T": t, "sdpa": {}, "ours": {}}
+    for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
+        try:
+            with sdpa_kernel([backend]):
+                def fn():
+                    return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+                out = fn()
+                ms = time_ms(fn)
+            res["sdpa"][name] = {"ms": ms, "tflops": flops / ms / 1e9, "rel_err_vs_fp32": rel(out[:, :, -n:], ref)}
+        except Exception as exc:
+            res["sdpa"][name] = {"error": str(exc).splitlines()[0][:200]}
+    for cfg in PREFILL_CONFIGS:
+        try:
+            out = triton_attention.prefill_attention(q, k, v, 0, config=cfg).transpose(1, 2)
+            ms = time_ms(lambda: triton_attention.prefill_attention(q, k, v, 0, config=cfg))
+            res["ours"][str(cfg)] = {"ms": ms, "tflops": flops / ms / 1e9, "rel_err_vs_fp32": rel(out[:, :, -n:], ref)}
+        except Exception as exc:
+            res["ours"][str(cfg)] = {"error": str(exc).splitlines()[0][:200]}
+    out = triton_attention.prefill_attention(q, k, v, 0).transpose(1, 2)  # the config the library picks
+    ms = time_ms(lambda: triton_attention.prefill_attention(q, k, v, 0))
+    res["ours_default"] = {"ms": ms, "tflops": flops / ms / 1e9, "rel_err_vs_fp32": rel(out[:, :, -n:], ref)}
+    del q, k, v, ref, out
+    torch.cuda.empty_cache()
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--skip-decode", action="store_true")
     args = ap.parse_args()
     results = {"device": torch.cuda.get_device_name(), "shape": {"A": A, "G": G, "Dh": D, "dtype": "bfloat16"},
-               "cases": []}
+               "prefill": [], "cases": []}
+    for t in (2048, 16384, 65536):
+        results["prefill"].append(prefill_case(t))
+        args.out.write_text(json.dumps(results, indent=1))
+    print(f"{'prefill T':>9} {'flash ms':>9} {'cudnn ms':>9} {'ours ms':>8} {'TFLOP/s':>8} {'x flash':>8} "
+          f"{'rel err':>8}")
+    for r in results["prefill"]:
+        o, f, c = r["ours_default"], r["sdpa"]["flash"], r["sdpa"]["cudnn"]
+        print(f"{r['T']:>9} {f.get('ms', float('nan')):>9.3f} {c.get('ms', float('nan')):>9.3f} {o['ms']:>8.3f} "
+              f"{o['tflops']:>8.0f} {f.get('ms', float('nan')) / o['ms']:>8.2f} {o['rel_err_vs_fp32']:>8.1e}")
+    if args.skip_decode:
+        return
     for b in (1, 8):
         for p in (2047, 65535):
             results["cases"].append(run_case(b, p))

@@ -80,6 +80,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 # state (benchmarks/bench_scan.py: 1.24x at 16K, 3.2x with a start state; slower than mamba-ssm at 2K)
 TRITON_SCAN = True
 
+# Prefill attention (more than one new token, causal, no padding mask): our Triton flash-attention kernel
+# instead of torch's SDPA (benchmarks/bench_attention.py on an H200: 1.5x FlashAttention-2 at 16K tokens)
+PREFILL_ATTENTION = True
+
 # One-token linears of the shapes in triton_gemv.LINEAR_CONFIGS go through our GEMV (faster than cuBLAS
 # there, measured); False keeps every linear on cuBLAS
 GEMV_LINEARS = True

@@ -59,6 +59,15 @@ class Attention(nn.Module):
         k = _linear(self.k_proj, x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)  # (B, G, T, Dh)
         v = _linear(self.v_proj, x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         gqa = self.n_kv != self.n_heads
+        fast = kernels.PREFILL_ATTENTION and t > 1 and mask is None and self.head_dim in (16, 32, 64, 128)
+        ops = kernels.on_cuda(x) if fast else None
+        if ops is not None:  # causal prefill in our Triton kernel: GQA heads read K/V in place
+            if cache is not None:
+                cache.k[:, :, offset:offset + t] = k
+                cache.v[:, :, offset:offset + t] = v
+                k, v = cache.k[:, :, :offset + t], cache.v[:, :, :offset + t]
+            out = ops.attention.prefill_attention(q, k, v, offset)  # (B, T, A, Dh)
+            return _linear(self.o_proj, out.view(b, t, -1))
         if cache is None:
             with _attention_backends():
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and t > 1,

@@ -1,5 +1,5 @@
-"""The fused decode attention (jamba_cli/triton_attention.py) against the model's PyTorch decode path,
-run on the CPU through Triton's interpreter.
+"""The attention kernels (jamba_cli/triton_attention.py) against the model's PyTorch paths, run on the CPU
+through Triton's interpreter: the fused decode step, and causal prefill.
 
 The interpreter must be chosen before triton compiles anything, so the checks run in a fresh process.
 They use fp32: the interpreter truncates fp32 -> bf16 casts instead of rounding them, so the model
@@ -68,3 +68,35 @@ def test_decode_attention_matches_the_torch_path_in_the_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     r = subprocess.run([sys.executable, "-c", CODE], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0 and r.stdout.strip() == "ok 24", r.stderr[-3000:]
+
+
+PREFILL = r'''
+import torch, torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
+from jamba_cli.triton_attention import prefill_attention
+
+g = torch.Generator().manual_seed(1)
+cases = 0
+# (B, A, G, T, offset, Dh): T and the key count no multiple of the blocks; GQA, MQA and MHA; a cached prefix
+for b, a, g_, t, offset, d in [(2, 4, 2, 37, 0, 16), (1, 4, 1, 21, 13, 32), (1, 2, 2, 16, 0, 16), (1, 4, 2, 9, 40, 16)]:
+    s = offset + t
+    # q, k, v as the model makes them: (B, T, heads, Dh) projections seen as (B, heads, T, Dh)
+    q = torch.randn(b, t, a, d, generator=g).transpose(1, 2)
+    k, v = torch.randn(2, b, s, g_, d, generator=g).transpose(2, 3)
+    out = prefill_attention(q, k, v, offset, config=(16, 8, 1, 1))
+    assert out.shape == (b, t, a, d)
+    mask = causal_lower_right(t, s) if offset else None
+    ref = F.scaled_dot_product_attention(q, k.repeat_interleave(a // g_, 1), v.repeat_interleave(a // g_, 1),
+                                         attn_mask=mask, is_causal=mask is None)
+    err = (out.transpose(1, 2) - ref).abs().max().item()
+    assert err < 1e-5, (b, a, g_, t, offset, err)
+    cases += 1
+print("ok", cases)
+'''
+
+
+def test_prefill_attention_matches_sdpa_in_the_interpreter():
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    r = subprocess.run([sys.executable, "-c", PREFILL], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "ok 4", r.stderr[-3000:]
