@@ -76,8 +76,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * xf.to(x.dtype)  # cast back before the weight, as LlamaRMSNorm does
 
 
-# Prefill's scan: our Triton kernel instead of mamba-ssm's from 8K tokens, or 2K when continuing from a
-# state (benchmarks/bench_scan.py: 1.24x at 16K, 3.2x with a start state; slower than mamba-ssm at 2K)
+# Prefill's scan: our one-pass Triton kernel instead of mamba-ssm's outside autograd (benchmarks/bench_scan.py
+# on an H200: 2.3x at 16K tokens, 1.7x at 2K; it takes a start state natively, where mamba-ssm needs a
+# correction pass: 6x)
 TRITON_SCAN = True
 
 # Prefill attention (more than one new token, causal, no padding mask): our Triton flash-attention kernel
@@ -180,10 +181,10 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, Bm: to
     """
     h0 = state if resume else None
     ops = on_cuda(u, differentiable=h0 is None)
-    t = u.shape[-1]
-    if ops is not None and TRITON_SCAN and t >= (2048 if h0 is not None else 8192) \
-            and not (torch.is_grad_enabled() and u.requires_grad):
-        y, last = ops.tscan.selective_scan(u, delta, A, Bm, Cm, D, z, delta_bias, h0=h0, variant="chunked")
+    n = A.shape[-1]
+    triton_ok = TRITON_SCAN and n & (n - 1) == 0 and not (torch.is_grad_enabled() and u.requires_grad)
+    if ops is not None and triton_ok:
+        y, last = ops.tscan.selective_scan(u, delta, A, Bm, Cm, D, z, delta_bias, h0=h0)
         if state is not None:
             state.copy_(last)
         return y
