@@ -14,6 +14,7 @@ import argparse
 import gc
 import json
 import math
+import statistics
 import sys
 import time
 import traceback
@@ -76,6 +77,12 @@ def active_bytes(cfg: JambaConfig) -> int:
     return 2 * total
 
 
+def repeats(n: int) -> int:
+    """Timed prefill runs at n tokens (their median is reported): the GPU's clock moves a few percent
+    between runs, so one run is not a measurement."""
+    return 5 if n <= 16384 else 3 if n <= 65536 else 1
+
+
 def peak_gb() -> float:
     return torch.cuda.max_memory_allocated() / GB
 
@@ -99,7 +106,8 @@ VARIANTS = {"cublas_linears": [(kernels, "GEMV_LINEARS", False)], "no_pdl": [(_p
             "moe_16_512_8_1024": [(_gemv, "MOE_CONFIGS", ((16, 512, 4, 3), (8, 1024, 4, 3)))],
             "dense_4_512_4_1024": [(_gemv, "DENSE_CONFIGS", ((4, 512, 4, 4), (4, 1024, 4, 4)))]}
 # prefill variants: (switches, the prompt lengths to time)
-PREFILL_VARIANTS = {"mamba_ssm_scan": ([(kernels, "TRITON_SCAN", False)], (16384, 65536))}
+PREFILL_VARIANTS = {"mamba_ssm_scan": ([(kernels, "TRITON_SCAN", False)], (2048, 16384, 65536)),
+                    "sdpa_attention": ([(kernels, "PREFILL_ATTENTION", False)], (2048, 16384, 65536))}
 _MISSING = object()
 
 
@@ -149,8 +157,8 @@ def bench_ours(cfg_dict: dict, lengths: list[int], chunk: int, steps: int, log, 
         return logits
 
     def timed_prefill(n, warm):
-        """Seconds to prefill n random tokens into a fresh cache (after an untimed first run if `warm`),
-        and those of the first run."""
+        """Median seconds to prefill n random tokens into a fresh cache over repeats(n) runs (after an
+        untimed first run if `warm`), all those runs, and the first run's."""
         ids = torch.randint(0, config.vocab_size, (1, n), device="cuda", generator=g)
         cache = make_cache(config, 1, dtype=torch.bfloat16, device="cuda", capacity=n)
         cold = None
@@ -160,9 +168,13 @@ def bench_ours(cfg_dict: dict, lengths: list[int], chunk: int, steps: int, log, 
             cold = sync() - t0
             cache.reset()
             torch.cuda.reset_peak_memory_stats()
-        t0 = sync()
-        prefill(ids, cache)
-        return sync() - t0, cold
+        runs = []
+        for _ in range(repeats(n) if warm else 1):
+            t0 = sync()
+            prefill(ids, cache)
+            runs.append(sync() - t0)
+            cache.reset()
+        return statistics.median(runs), runs, cold
 
     def timed_steps(step, tok):
         """(last token, seconds) of `steps` graph-replayed decode steps after 3 untimed ones."""
@@ -183,9 +195,9 @@ def bench_ours(cfg_dict: dict, lengths: list[int], chunk: int, steps: int, log, 
             try:
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
-                seconds, cold = timed_prefill(n, warm=n <= warm_max)
-                out["prefill"][n] = {"tok_s": n / seconds, "seconds": seconds, "cold_seconds": cold,
-                                     "peak_gb": peak_gb()}
+                seconds, runs, cold = timed_prefill(n, warm=n <= warm_max)
+                out["prefill"][n] = {"tok_s": n / seconds, "seconds": seconds, "runs_seconds": runs,
+                                     "cold_seconds": cold, "peak_gb": peak_gb()}
             except torch.OutOfMemoryError:
                 out["prefill"][n] = {"error": "out of memory", "peak_gb": peak_gb()}
             log(f"ours: prefill {n}: {out['prefill'][n]}")
@@ -257,8 +269,8 @@ def bench_ours(cfg_dict: dict, lengths: list[int], chunk: int, steps: int, log, 
                 try:
                     torch.cuda.empty_cache()
                     with switched(changes):
-                        seconds, _ = timed_prefill(n, warm=True)
-                    res[n] = {"tok_s": n / seconds, "seconds": seconds}
+                        seconds, runs, _ = timed_prefill(n, warm=True)
+                    res[n] = {"tok_s": n / seconds, "seconds": seconds, "runs_seconds": runs}
                 except Exception as exc:
                     res[n] = {"error": str(exc).splitlines()[0][:200]}
                 log(f"ours: prefill {n}, {name}: {res[n]}")
@@ -298,17 +310,20 @@ def bench_hf(cfg_dict: dict, lengths: list[int], steps: int, log, warm_max: int 
                 torch.cuda.reset_peak_memory_stats()
                 ids = torch.randint(0, hf_cfg.vocab_size, (1, n), device="cuda", generator=g)
                 cold = None
-                if n <= warm_max:  # as for ours: time the second run at this length
+                if n <= warm_max:  # as for ours: the median of the runs after an untimed first one
                     t0 = sync()
                     model(ids, use_cache=True, logits_to_keep=1)
                     cold = sync() - t0
                     gc.collect()
                     torch.cuda.reset_peak_memory_stats()
-                t0 = sync()
-                model(ids, use_cache=True, logits_to_keep=1)
-                seconds = sync() - t0
-                out["prefill"][n] = {"tok_s": n / seconds, "seconds": seconds, "cold_seconds": cold,
-                                     "peak_gb": peak_gb()}
+                runs = []
+                for _ in range(repeats(n) if n <= warm_max else 1):
+                    t0 = sync()
+                    model(ids, use_cache=True, logits_to_keep=1)
+                    runs.append(sync() - t0)
+                seconds = statistics.median(runs)
+                out["prefill"][n] = {"tok_s": n / seconds, "seconds": seconds, "runs_seconds": runs,
+                                     "cold_seconds": cold, "peak_gb": peak_gb()}
             except torch.OutOfMemoryError:
                 out["prefill"][n] = {"error": "out of memory", "peak_gb": peak_gb()}
             log(f"hf: prefill {n}: {out['prefill'][n]}")
