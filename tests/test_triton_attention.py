@@ -63,11 +63,17 @@ print("ok", cases)
 '''
 
 
-def test_decode_attention_matches_the_torch_path_in_the_interpreter():
+def _interpret(code: str) -> str:
+    """Run `code` in a fresh Python under Triton's interpreter; its stdout, or the failure's stderr."""
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    r = subprocess.run([sys.executable, "-c", CODE], capture_output=True, text=True, env=env, timeout=300)
-    assert r.returncode == 0 and r.stdout.strip() == "ok 24", r.stderr[-3000:]
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r.stdout.strip()
+
+
+def test_decode_attention_matches_the_torch_path_in_the_interpreter():
+    assert _interpret(CODE) == "ok 24"
 
 
 PREFILL = r'''
@@ -96,7 +102,4 @@ print("ok", cases)
 
 
 def test_prefill_attention_matches_sdpa_in_the_interpreter():
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    r = subprocess.run([sys.executable, "-c", PREFILL], capture_output=True, text=True, env=env, timeout=300)
-    assert r.returncode == 0 and r.stdout.strip() == "ok 4", r.stderr[-3000:]
+    assert _interpret(PREFILL) == "ok 4"
