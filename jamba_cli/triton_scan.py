@@ -8,7 +8,7 @@ One pass: a program owns BLOCK_E channels × N states and walks all of T in tile
 each element costs one exp, the minimum. Tiles are laid out (BLOCK_T, N, BLOCK_E): Triton spreads the
 last axis over a warp's lanes and the next one over the lanes left, so with BLOCK_E = 16 and one warp a
 lane holds one channel's half of the states, and the scan over a tile runs as a chain inside each thread
-(no shuffles); only the sum over N crosses two lanes. Each tile's loads are issued a few tiles ahead
+(no shuffles); only the sums over N cross the two lanes. Each tile's loads are issued a few tiles ahead
 (software pipelining, `stages`), which is what a program walking T in sequence needs to not wait on memory.
 On a GPU the per-token softplus and silu take the special-function unit's approximate log2 and reciprocal
 (a quarter of the loop's instructions otherwise, by the sm_90 SASS); their errors, ~1e-7, are far below
