@@ -59,20 +59,17 @@ class Attention(nn.Module):
         k = _linear(self.k_proj, x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)  # (B, G, T, Dh)
         v = _linear(self.v_proj, x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         gqa = self.n_kv != self.n_heads
+        static_step = cache is not None and t == 1 and pos is not None  # the position is on the device
+        if cache is not None and not static_step:  # append to the cache, then attend to all it holds
+            cache.k[:, :, offset:offset + t] = k
+            cache.v[:, :, offset:offset + t] = v
+            k, v = cache.k[:, :, :offset + t], cache.v[:, :, :offset + t]  # (B, G, S, Dh)
         fast = kernels.PREFILL_ATTENTION and t > 1 and mask is None and self.head_dim in (16, 32, 64, 128)
         ops = kernels.on_cuda(x) if fast else None
         if ops is not None:  # causal prefill in our Triton kernel: GQA heads read K/V in place
-            if cache is not None:
-                cache.k[:, :, offset:offset + t] = k
-                cache.v[:, :, offset:offset + t] = v
-                k, v = cache.k[:, :, :offset + t], cache.v[:, :, :offset + t]
             out = ops.attention.prefill_attention(q, k, v, offset)  # (B, T, A, Dh)
             return _linear(self.o_proj, out.view(b, t, -1))
-        if cache is None:
-            with _attention_backends():
-                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and t > 1,
-                                                     enable_gqa=gqa)
-        elif t == 1 and pos is not None:  # static cache: position from the device, so a CUDA graph can replay
+        if static_step:  # a CUDA graph can replay this step as pos advances
             ops = kernels.on_cuda(x)
             if ops is not None:  # the cache write and attention in two kernels
                 out = ops.attention.decode_attention(q, k, v, cache.k, cache.v, pos, key_mask)
@@ -81,22 +78,22 @@ class Attention(nn.Module):
             cache.v.index_copy_(2, pos, v)
             valid = torch.arange(cache.k.shape[2], device=x.device) <= pos  # (capacity,)
             out = _decode_attention(q, cache.k, cache.v, valid if key_mask is None else valid & key_mask)
-        else:
-            cache.k[:, :, offset:offset + t] = k
-            cache.v[:, :, offset:offset + t] = v
-            k, v = cache.k[:, :, :offset + t], cache.v[:, :, :offset + t]  # (B, G, S, Dh)
-            if t == 1:
-                out = _decode_attention(q, k, v, key_mask)
-            elif mask is None and offset > 0:  # causal with the queries at the end: no mask materialised
-                # imported here: the module pulls in torch._dynamo (1.7 s) and most runs never need it
-                from torch.nn.attention.bias import causal_lower_right
-
-                out = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(t, offset + t),
+        elif cache is None:
+            with _attention_backends():
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and t > 1,
                                                      enable_gqa=gqa)
-            else:
-                with _attention_backends():
-                    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                                         enable_gqa=gqa)
+        elif t == 1:
+            out = _decode_attention(q, k, v, key_mask)
+        elif mask is None and offset > 0:  # causal with the queries at the end: no mask materialised
+            # imported here: the module pulls in torch._dynamo (1.7 s) and most runs never need it
+            from torch.nn.attention.bias import causal_lower_right
+
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(t, offset + t),
+                                                 enable_gqa=gqa)
+        else:
+            with _attention_backends():
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                                     enable_gqa=gqa)
         return _linear(self.o_proj, out.transpose(1, 2).reshape(b, t, -1))
 
 
