@@ -108,18 +108,10 @@ def main() -> None:
         del ws
         save()
 
-    if "dense" in sections:
-        dense(r, summary)
-        save()
-    if "moe" in sections:
-        moe(r, summary)
-        save()
-    if "small" in sections:
-        small(r, summary)
-        save()
-    if "mamba" in sections:
-        mamba(r, summary)
-        save()
+    for name, section in (("dense", dense), ("moe", moe), ("small", small), ("mamba", mamba)):
+        if name in sections:
+            section(r, summary)
+            save()
     print("\n".join(summary))
 
 
