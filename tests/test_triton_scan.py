@@ -39,6 +39,7 @@ def check(b, e, t, n, with_h0, gated, **config):
 check(2, 12, 100, 4, False, True, block_e=8, block_t=32)
 check(1, 12, 100, 16, True, True)  # the GPU's config
 check(2, 12, 100, 4, True, False, block_e=16, block_t=8, num_warps=1, stages=1)
+check(1, 16, 48, 16, True, True)  # whole tiles and channel blocks only: no bounds checks anywhere
 print("ok")
 '''
 
