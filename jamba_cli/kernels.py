@@ -131,11 +131,13 @@ def act_mul(act, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                  state: torch.Tensor | None, activation: str, resume: bool = True) -> torch.Tensor:
+                  state: torch.Tensor | None, activation: str, resume: bool = True,
+                  length: int | None = None) -> torch.Tensor:
     """Depthwise causal conv over time. x: (B, E, T), weight: (E, K) -> (B, E, T).
 
     With a `state`, the conv continues from the K-1 inputs it holds (when `resume`; else from zeros)
-    and is left holding the last K-1 inputs.
+    and is left holding the last K-1 inputs of the first `length` (default: all T), the real ones when x
+    is padded at the end.
     """
     k = weight.shape[-1]
     ops = on_cuda(x, differentiable=state is None) if activation in ("silu", "swish") else None
@@ -150,10 +152,11 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         history = F.pad(x, (k - 1, 0)) if state is None or not resume else torch.cat([state.to(x.dtype), x], -1)
         y = ACT[activation](F.conv1d(history, weight.unsqueeze(1), bias, groups=x.shape[1]))
     if state is not None:  # the last K-1 inputs, reaching into the old state for short chunks
-        tail = x[..., -(k - 1):]
+        real = x if length is None else x[..., :length]
+        tail = real[..., -(k - 1):]
         if tail.shape[-1] < k - 1:
             old = state if resume else torch.zeros_like(state)
-            tail = torch.cat([old.to(x.dtype), x], dim=-1)[..., -(k - 1):]
+            tail = torch.cat([old.to(x.dtype), real], dim=-1)[..., -(k - 1):]
         state.copy_(tail)
     return y
 
@@ -174,17 +177,18 @@ def causal_conv1d_update(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
 
 def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, Bm: torch.Tensor, Cm: torch.Tensor,
                    D: torch.Tensor, z: torch.Tensor, delta_bias: torch.Tensor,
-                   state: torch.Tensor | None, resume: bool = True) -> torch.Tensor:
+                   state: torch.Tensor | None, resume: bool = True, out: torch.Tensor | None = None) -> torch.Tensor:
     """y_t = C_t·h_t + D·u_t, h_t = exp(Δ_t A) h_{t-1} + Δ_t B_t u_t, gated by silu(z).
 
     h starts from `state` when `resume` (else from zero) and `state` is left holding the last h.
+    y is written into `out` (B, E, T), any strides, when given, and returned.
     """
     h0 = state if resume else None
     ops = on_cuda(u, differentiable=h0 is None)
     n = A.shape[-1]
     triton_ok = TRITON_SCAN and n & (n - 1) == 0 and not (torch.is_grad_enabled() and u.requires_grad)
     if ops is not None and triton_ok:
-        y, last = ops.tscan.selective_scan(u, delta, A, Bm, Cm, D, z, delta_bias, h0=h0)
+        y, last = ops.tscan.selective_scan(u, delta, A, Bm, Cm, D, z, delta_bias, h0=h0, out=out)
         if state is not None:
             state.copy_(last)
         return y
@@ -199,7 +203,7 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, Bm: to
             last = last + torch.exp(cum[..., -1:] * A) * h0.float()
         if state is not None:
             state.copy_(last)
-        return y
+        return y if out is None else out.copy_(y)
     b, e, t = u.shape
     n = A.shape[-1]
     h = torch.zeros(b, e, n, dtype=torch.float32, device=u.device) if h0 is None else h0.float()
@@ -218,7 +222,8 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, Bm: to
     if state is not None:
         state.copy_(h)
     y = y + uf * D.float()[:, None]
-    return (y * F.silu(z.float())).to(u.dtype)
+    y = (y * F.silu(z.float())).to(u.dtype)
+    return y if out is None else out.copy_(y)
 
 
 def _scan_block(dt, u, A, Bm, Cm, h0, c):

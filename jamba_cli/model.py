@@ -155,24 +155,38 @@ class MambaMixer(nn.Module):
                 pad_mask: torch.Tensor | None) -> torch.Tensor:
         if cache is not None and x.shape[1] == 1 and offset > 0:
             return self._step(x, cache)
-        # channel-first (B, E, T) throughout: the layout the scan kernel wants, with no transposing copies
-        xz = torch.matmul(self.in_proj.weight, x.transpose(1, 2))  # (B, 2E, T)
+        # channel-first (B, E, T) throughout: the layout the scan kernel wants, with no transposing copies.
+        # Rows are a multiple of 8 tokens long, zeros after the prompt, so that each starts on a 16-byte
+        # boundary: with unaligned rows cuBLAS falls back to slow kernels (in_proj of Jamba-Mini at 16383
+        # tokens took 21 ms instead of 3 on an H200, the whole prefill twice as long) and the conv and scan
+        # kernels lose their vector loads. The conv never looks ahead, so the zeros change nothing before
+        # them; the scan, whose state must stop at the last real token, runs without them.
+        t = x.shape[1]
+        tp = -(-t // 8) * 8
+        if tp != t:
+            x = F.pad(x, (0, 0, 0, tp - t))
+            pad_mask = None if pad_mask is None else F.pad(pad_mask, (0, tp - t))
+        xz = torch.matmul(self.in_proj.weight, x.transpose(1, 2))  # (B, 2E, Tp)
         if self.in_proj.bias is not None:
             xz = xz + self.in_proj.bias[:, None]
-        u, z = xz.chunk(2, dim=1)  # (B, E, T) each
+        u, z = xz.chunk(2, dim=1)  # (B, E, Tp) each
         if pad_mask is not None:  # zero padding so left-padded rows see exactly what unpadded ones see
             u = u * pad_mask.unsqueeze(1)
         resume = offset > 0
         u = kernels.causal_conv1d(u, self.conv1d.weight.squeeze(1), self.conv1d.bias,
-                                  None if cache is None else cache.conv, self.act, resume)  # (B, E, T)
+                                  None if cache is None else cache.conv, self.act, resume, length=t)  # (B, E, Tp)
         if pad_mask is not None:
             u = u * pad_mask.unsqueeze(1)
         dt, Bm, Cm = self.x_proj(u.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = torch.matmul(self.dt_proj.weight, self.dt_layernorm(dt).transpose(1, 2))  # (B, E, T), no bias
-        y = kernels.selective_scan(u, delta, self.neg_A(), self.b_layernorm(Bm).transpose(1, 2),
-                                   self.c_layernorm(Cm).transpose(1, 2), self.D, z, self.dt_proj.bias,
-                                   None if cache is None else cache.ssm, resume)  # (B, E, T)
-        return self.out_proj(y.transpose(1, 2))  # (B, T, H)
+        delta = torch.matmul(self.dt_proj.weight, self.dt_layernorm(dt).transpose(1, 2))  # (B, E, Tp), no bias
+        # out_proj reads y's rows whole, zero padding included, and its extra outputs are cut off: over T rows
+        # of this column-major y, cuBLAS would again leave its fast kernels
+        y = u.new_empty(u.shape)  # (B, E, Tp)
+        y[..., t:] = 0
+        kernels.selective_scan(u[..., :t], delta[..., :t], self.neg_A(), self.b_layernorm(Bm[:, :t]).transpose(1, 2),
+                               self.c_layernorm(Cm[:, :t]).transpose(1, 2), self.D, z[..., :t], self.dt_proj.bias,
+                               None if cache is None else cache.ssm, resume, out=y[..., :t])
+        return self.out_proj(y.transpose(1, 2))[:, :t]  # (B, T, H)
 
     def _step(self, x: torch.Tensor, cache: MambaCache) -> torch.Tensor:
         """One decode step for x (B, 1, H): the conv and SSM states advance by one token."""

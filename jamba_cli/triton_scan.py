@@ -146,19 +146,28 @@ def _scan_kernel(u_ptr, dt_ptr, z_ptr, a_ptr, b_ptr, c_ptr, d_ptr, bias_ptr, h0_
 CONFIG = dict(block_e=16, block_t=16, num_warps=1, stages=3)
 
 
+def _rows(b: int, r: int, t: int, dtype: torch.dtype, device) -> torch.Tensor:
+    # (b, r, t) whose rows start on 16-byte boundaries (stride a multiple of 8 elements): the kernel's row
+    # loads and stores are then whole vectors; y's rows also suit the out_proj GEMM that reads them
+    return torch.empty(b, r, -(-t // 8) * 8, dtype=dtype, device=device)[..., :t]
+
+
 def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, Bm: torch.Tensor, Cm: torch.Tensor,
                    D: torch.Tensor, z: torch.Tensor | None, delta_bias: torch.Tensor | None,
-                   h0: torch.Tensor | None = None, **config) -> tuple[torch.Tensor, torch.Tensor]:
+                   h0: torch.Tensor | None = None, out: torch.Tensor | None = None,
+                   **config) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward selective scan with softplus(Δ + bias), optional silu(z) gate and start state.
 
     Args:
         u, delta, z: (B, E, T); rows may be strided views (e.g. halves of one (B, 2E, T) tensor).
         A: (E, N) float32, N a power of two. Bm, Cm: (B, N, T), any strides. D, delta_bias: (E,).
         h0: (B, E, N) or None.
+        out: (B, E, T) for y, any strides, or None for a new tensor.
         **config: block_e, block_t, num_warps, stages overrides (benchmarks); see CONFIG.
 
     Returns:
-        y (B, E, T) in u's dtype, and the last state (B, E, N) float32.
+        y (B, E, T) in u's dtype (its rows padded to a multiple of 8 elements), and the last state (B, E, N)
+        float32.
     """
     cfg = {**CONFIG, **config}
     bsz, e, t = u.shape
@@ -167,12 +176,12 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, Bm: to
     A = A.float().contiguous()
     D = D.float().contiguous()
     bias = torch.zeros(e, device=dev) if delta_bias is None else delta_bias.float().contiguous()
-    y = torch.empty(bsz, e, t, dtype=u.dtype, device=dev)
+    y = _rows(bsz, e, t, u.dtype, dev) if out is None else out
     last = torch.empty(bsz, e, n, dtype=torch.float32, device=dev)
     h0 = None if h0 is None else h0.float().contiguous()
     # B and C are small (N values per token): fp32 with T contiguous spares the kernel a conversion per
     # element and lets it read whole rows (a fifth fewer instructions in the loop, by the sm_90 SASS)
-    Bm, Cm = Bm.float().contiguous(), Cm.float().contiguous()
+    Bm, Cm = _rows(bsz, n, t, torch.float32, dev).copy_(Bm), _rows(bsz, n, t, torch.float32, dev).copy_(Cm)
     zz = u if z is None else z  # a placeholder pointer when there is no gate
     _scan_kernel[(triton.cdiv(e, cfg["block_e"]), bsz)](
         u, delta, zz, A, Bm, Cm, D, bias, h0, y, last, e, t,
