@@ -4,8 +4,10 @@
 
 Builds random bf16 weights of the chosen shape in GPU memory (no checkpoint on disk), measures ours,
 frees it, builds transformers' JambaForCausalLM with the same weights (mamba-ssm / causal-conv1d kernels
-installed) and measures it the same way. Also measures the GPU's GEMV read bandwidth, so decode speed
-can be stated as a fraction of the memory-bound limit. Prints a table; writes everything as JSON.
+installed) and measures it the same way. Prefill is timed back to back and one-shot (after the GPU
+rests, as a `jamba run` prefill follows model loading): see measure(). Also measures the GPU's GEMV read
+bandwidth, so decode speed can be stated as a fraction of the memory-bound limit. Prints a table; writes
+everything as JSON.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import gc
 import json
 import math
 import statistics
+import subprocess
 import sys
 import time
 import traceback
@@ -83,6 +86,44 @@ def repeats(n: int) -> int:
     return 5 if n <= 16384 else 3 if n <= 65536 else 1
 
 
+def gpu_state() -> str | None:
+    """SM clock, power draw and temperature now, from nvidia-smi (None where it is missing)."""
+    try:
+        return subprocess.run(["nvidia-smi", "--query-gpu=clocks.sm,power.draw,temperature.gpu",
+                               "--format=csv,noheader"], capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def measure(once, n: int, rest: float, warm: bool = True) -> dict:
+    """Prefill speed at n tokens from `once()`, which runs one prefill and returns its seconds.
+
+    With `warm`, an untimed first run (the allocator grows, cuBLAS picks kernels; its seconds are
+    cold_seconds), then the median of repeats(n) runs back to back and, if rest > 0, of as many one-shot
+    runs each after `rest` seconds idle. Without, one run. The two medians differ because the H200 holds a
+    700 W power cap: back-to-back prefills run it at the cap (SM clock ~1.5 GHz), while a prefill after
+    idle, as in `jamba run` after loading a model, starts cooler and faster.
+    """
+    if not warm:
+        seconds = once()
+        return {"tok_s": n / seconds, "seconds": seconds, "runs_seconds": [seconds], "cold_seconds": None}
+    cold = once()
+    gc.collect()
+    torch.cuda.reset_peak_memory_stats()
+    runs = [once() for _ in range(repeats(n))]
+    out = {"tok_s": n / statistics.median(runs), "seconds": statistics.median(runs), "runs_seconds": runs,
+           "cold_seconds": cold, "gpu_after_runs": gpu_state()}
+    if rest > 0:
+        rested = []
+        for _ in range(repeats(n)):
+            time.sleep(rest)
+            out["gpu_after_rest"] = gpu_state()
+            rested.append(once())
+        out.update(tok_s_rested=n / statistics.median(rested), seconds_rested=statistics.median(rested),
+                   runs_seconds_rested=rested, rest_seconds=rest)
+    return out
+
+
 def peak_gb() -> float:
     return torch.cuda.max_memory_allocated() / GB
 
@@ -138,7 +179,7 @@ def switched(changes):
 # ----------------------------------------------------------------------------------------------- ours
 
 def bench_ours(cfg_dict: dict, lengths: list[int], chunk: int, steps: int, log, profile: int = 0,
-               warm_max: int = 65536) -> dict:
+               warm_max: int = 65536, rest: float = 0.0) -> dict:
     config = JambaConfig.from_dict(cfg_dict)
     t0 = time.perf_counter()
     with torch.device("meta"):
@@ -156,25 +197,19 @@ def bench_ours(cfg_dict: dict, lengths: list[int], chunk: int, steps: int, log, 
             logits = model(ids[:, s:s + step], cache, last_only=True)
         return logits
 
-    def timed_prefill(n, warm):
-        """Median seconds to prefill n random tokens into a fresh cache over repeats(n) runs (after an
-        untimed first run if `warm`), all those runs, and the first run's."""
+    def timed_prefill(n, warm, rest=0.0):
+        """measure() of prefilling n random tokens into a fresh cache."""
         ids = torch.randint(0, config.vocab_size, (1, n), device="cuda", generator=g)
         cache = make_cache(config, 1, dtype=torch.bfloat16, device="cuda", capacity=n)
-        cold = None
-        if warm:  # a first run at this length: the allocator grows, cuBLAS picks kernels
+
+        def once():
             t0 = sync()
             prefill(ids, cache)
-            cold = sync() - t0
+            seconds = sync() - t0
             cache.reset()
-            torch.cuda.reset_peak_memory_stats()
-        runs = []
-        for _ in range(repeats(n) if warm else 1):
-            t0 = sync()
-            prefill(ids, cache)
-            runs.append(sync() - t0)
-            cache.reset()
-        return statistics.median(runs), runs, cold
+            return seconds
+
+        return measure(once, n, rest, warm)
 
     def timed_steps(step, tok):
         """(last token, seconds) of `steps` graph-replayed decode steps after 3 untimed ones."""
@@ -195,9 +230,7 @@ def bench_ours(cfg_dict: dict, lengths: list[int], chunk: int, steps: int, log, 
             try:
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
-                seconds, runs, cold = timed_prefill(n, warm=n <= warm_max)
-                out["prefill"][n] = {"tok_s": n / seconds, "seconds": seconds, "runs_seconds": runs,
-                                     "cold_seconds": cold, "peak_gb": peak_gb()}
+                out["prefill"][n] = {**timed_prefill(n, n <= warm_max, rest), "peak_gb": peak_gb()}
             except torch.OutOfMemoryError:
                 out["prefill"][n] = {"error": "out of memory", "peak_gb": peak_gb()}
             log(f"ours: prefill {n}: {out['prefill'][n]}")
@@ -269,8 +302,7 @@ def bench_ours(cfg_dict: dict, lengths: list[int], chunk: int, steps: int, log, 
                 try:
                     torch.cuda.empty_cache()
                     with switched(changes):
-                        seconds, runs, _ = timed_prefill(n, warm=True)
-                    res[n] = {"tok_s": n / seconds, "seconds": seconds, "runs_seconds": runs}
+                        res[n] = timed_prefill(n, warm=True)
                 except Exception as exc:
                     res[n] = {"error": str(exc).splitlines()[0][:200]}
                 log(f"ours: prefill {n}, {name}: {res[n]}")
@@ -280,7 +312,7 @@ def bench_ours(cfg_dict: dict, lengths: list[int], chunk: int, steps: int, log, 
 
 # ----------------------------------------------------------------------------------------- transformers
 
-def bench_hf(cfg_dict: dict, lengths: list[int], steps: int, log, warm_max: int = 65536) -> dict:
+def bench_hf(cfg_dict: dict, lengths: list[int], steps: int, log, warm_max: int = 65536, rest: float = 0.0) -> dict:
     import warnings
 
     from transformers import JambaConfig as HFConfig
@@ -309,21 +341,13 @@ def bench_hf(cfg_dict: dict, lengths: list[int], steps: int, log, warm_max: int 
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
                 ids = torch.randint(0, hf_cfg.vocab_size, (1, n), device="cuda", generator=g)
-                cold = None
-                if n <= warm_max:  # as for ours: the median of the runs after an untimed first one
+
+                def once():
                     t0 = sync()
                     model(ids, use_cache=True, logits_to_keep=1)
-                    cold = sync() - t0
-                    gc.collect()
-                    torch.cuda.reset_peak_memory_stats()
-                runs = []
-                for _ in range(repeats(n) if n <= warm_max else 1):
-                    t0 = sync()
-                    model(ids, use_cache=True, logits_to_keep=1)
-                    runs.append(sync() - t0)
-                seconds = statistics.median(runs)
-                out["prefill"][n] = {"tok_s": n / seconds, "seconds": seconds, "runs_seconds": runs,
-                                     "cold_seconds": cold, "peak_gb": peak_gb()}
+                    return sync() - t0
+
+                out["prefill"][n] = {**measure(once, n, rest, n <= warm_max), "peak_gb": peak_gb()}
             except torch.OutOfMemoryError:
                 out["prefill"][n] = {"error": "out of memory", "peak_gb": peak_gb()}
             log(f"hf: prefill {n}: {out['prefill'][n]}")
@@ -355,8 +379,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--shape", default="mini")
     ap.add_argument("--layers", type=int)
-    ap.add_argument("--lengths", default="2048,16384,65536,262144")
-    ap.add_argument("--hf-lengths", default="2048,16384,65536,262144")
+    ap.add_argument("--lengths", default="2048,2047,16384,16383,65536,262144",
+                    help="prompt lengths to prefill; the odd ones show lengths that are no multiple of 8")
+    ap.add_argument("--hf-lengths", default="2048,2047,16384,16383,65536,262144")
     ap.add_argument("--chunk", type=int, default=0, help="prefill chunk in tokens (default: the library's)")
     ap.add_argument("--steps", type=int, default=128)
     ap.add_argument("--hf-steps", type=int, default=32)
@@ -364,6 +389,9 @@ def main() -> None:
     ap.add_argument("--profile", type=int, default=0, help="also profile a prefill of this many tokens")
     ap.add_argument("--warm-max", type=int, default=65536,
                     help="prompts up to this length run once untimed first (steady-state prefill)")
+    ap.add_argument("--rest", type=float, default=2.0,
+                    help="seconds idle before each one-shot prefill run, timed after the back-to-back ones "
+                         "(0: none)")
     args = ap.parse_args()
     cfg = shape_config(args.shape, args.layers)
     results = {"shape": args.shape, "config": cfg, "device": torch.cuda.get_device_name(),
@@ -381,7 +409,8 @@ def main() -> None:
         f"GB/token -> decode limit {results['decode_limit_tok_s']:.1f} tok/s")
     lengths = [int(x) for x in args.lengths.split(",") if x]
     try:
-        results["ours"] = bench_ours(cfg, lengths, args.chunk, args.steps, log, args.profile, args.warm_max)
+        results["ours"] = bench_ours(cfg, lengths, args.chunk, args.steps, log, args.profile, args.warm_max,
+                                     args.rest)
     except Exception:
         results["ours_error"] = traceback.format_exc()
         log(results["ours_error"])
@@ -390,7 +419,7 @@ def main() -> None:
     if not args.skip_hf:
         try:
             results["hf"] = bench_hf(cfg, [int(x) for x in args.hf_lengths.split(",") if x], args.hf_steps, log,
-                                     args.warm_max)
+                                     args.warm_max, args.rest)
         except Exception:
             results["hf_error"] = traceback.format_exc()
             log(results["hf_error"])
@@ -411,7 +440,8 @@ def print_table(r: dict) -> None:
             continue
         for n, p in res.get("prefill", {}).items():
             tok = f"{p['tok_s']:.0f} tok/s" if "tok_s" in p else p["error"]
-            print(f"{who:5s} prefill {int(n):>7d}: {tok:>14s}  peak {p['peak_gb']:.1f} GB")
+            rested = f"  one-shot {p['tok_s_rested']:.0f} tok/s" if "tok_s_rested" in p else ""
+            print(f"{who:5s} prefill {int(n):>7d}: {tok:>14s}{rested}  peak {p['peak_gb']:.1f} GB")
         for bsz, d in res.get("decode", {}).items():
             pct = 100 * d["tok_s_per_seq"] / r["decode_limit_tok_s"] if int(bsz) == 1 else math.nan
             print(f"{who:5s} decode  batch {bsz}: {d['tok_s_per_seq']:.1f} tok/s/seq ({d['tok_s_total']:.0f} total)"
