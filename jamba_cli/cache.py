@@ -75,26 +75,42 @@ class HybridCache:
             self.key_mask = torch.ones(self.batch_size, self.capacity, dtype=torch.bool, device=device)
         self.key_mask[:, self.offset:self.offset + t] = True if mask is None else mask.to(self.key_mask.device)
 
-    def clone(self) -> HybridCache:
-        layers = [AttnCache(l.k.clone(), l.v.clone()) if isinstance(l, AttnCache) else
+    def snapshot(self) -> HybridCache:
+        """A copy of the state held now, for `restore`. Its K/V keep only the positions in use, so a
+        snapshot of a large static cache costs what its content does, not its capacity."""
+        n = self.offset
+        layers = [AttnCache(l.k[:, :, :n].clone(), l.v[:, :, :n].clone()) if isinstance(l, AttnCache) else
                   MambaCache(l.conv.clone(), l.ssm.clone()) for l in self.layers]
-        out = HybridCache(layers, self.capacity, self.static, None if self.pos is None else self.pos.clone())
-        out.offset = self.offset
-        out.key_mask = None if self.key_mask is None else self.key_mask.clone()
+        out = HybridCache(layers, n)
+        out.offset = n
+        out.key_mask = None if self.key_mask is None else self.key_mask[:, :n].clone()
         return out
 
-    def copy_(self, other: HybridCache) -> None:
-        """Restore `other` (a clone of this cache) in place, keeping this cache's buffers."""
-        for mine, theirs in zip(self.layers, other.layers):
-            for name in ("k", "v") if isinstance(mine, AttnCache) else ("conv", "ssm"):
-                getattr(mine, name).copy_(getattr(theirs, name))
-        self.offset = other.offset
+    def restore(self, snapshot: HybridCache) -> None:
+        """Go back to the state of `snapshot` (this cache's, from `snapshot()`) in place: the buffers stay,
+        as a captured CUDA graph holds them. Positions past the snapshot keep stale K/V, never read: they
+        are rewritten before the offset reaches them."""
+        n = snapshot.offset
+        self.offset = 0
+        self.reserve(n)  # a no-op unless the buffers were replaced by smaller ones
+        for mine, theirs in zip(self.layers, snapshot.layers):
+            if isinstance(mine, AttnCache):
+                mine.k[:, :, :n].copy_(theirs.k)
+                mine.v[:, :, :n].copy_(theirs.v)
+            else:
+                mine.conv.copy_(theirs.conv)
+                mine.ssm.copy_(theirs.ssm)
+        self.offset = n
         if self.pos is not None:
-            self.pos.copy_(other.pos)
-        if self.key_mask is not None and other.key_mask is not None:
-            self.key_mask.copy_(other.key_mask)  # in place: a captured CUDA graph holds this tensor
-        else:
-            self.key_mask = None if other.key_mask is None else other.key_mask.clone()
+            self.pos.fill_(n)
+        if snapshot.key_mask is None:
+            self.key_mask = None
+        elif self.key_mask is None:
+            self.key_mask = torch.ones(self.batch_size, self.capacity, dtype=torch.bool,
+                                       device=snapshot.key_mask.device)
+        if self.key_mask is not None:  # in place: a captured CUDA graph holds this tensor
+            self.key_mask[:, :n].copy_(snapshot.key_mask)
+            self.key_mask[:, n:] = True  # what a static cache assumes of the positions to come
 
     def reset(self) -> None:
         for layer in self.layers:

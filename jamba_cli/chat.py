@@ -117,10 +117,7 @@ class ChatSession:
     @torch.inference_mode()  # the cache's buffers were made in inference mode; only there can they change
     def _restore(self, snapshot) -> None:
         cache, tokens = snapshot
-        if cache.capacity == self.cache.capacity:
-            self.cache.copy_(cache)
-        else:  # the cache grew since the snapshot; its buffers no longer match
-            self.cache = cache.clone()
+        self.cache.restore(cache)
         self.seen = list(tokens)
 
     @torch.inference_mode()
@@ -141,7 +138,7 @@ class ChatSession:
         ids = self.tokenizer.encode_chat(self.conversation(), add_generation_prompt=True)
         new = self._unseen(ids)
         with torch.inference_mode():
-            self._snapshot = (self.cache.clone(), list(self.seen))
+            self._snapshot = (self.cache.snapshot(), list(self.seen))
         s = self.settings
         sampled, pieces = [], []
         try:

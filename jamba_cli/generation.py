@@ -38,14 +38,14 @@ class CUDAGraphDecoder:
             raise ValueError("CUDA graphs need a static cache (make_cache(..., static=True))")
         self.cache = cache
         self.tokens = torch.zeros(cache.batch_size, 1, dtype=torch.long, device=model.device)
-        snapshot = cache.clone()
+        snapshot = cache.snapshot()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # warm up: Triton compiles, cuBLAS picks its kernels
             for _ in range(2):
                 model(self.tokens, cache)
         torch.cuda.current_stream().wait_stream(stream)
-        cache.copy_(snapshot)  # undo the warm-up steps
+        cache.restore(snapshot)  # undo the warm-up steps
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.logits = model(self.tokens, cache)[:, -1]  # (B, V)

@@ -75,18 +75,25 @@ def test_left_padded_batch_equals_rows_alone(mini):
     assert torch.isfinite(batch).all()  # padding rows must not turn into NaN either
 
 
-def test_clone_restores_an_earlier_point(mini):
+@pytest.mark.parametrize("static", [False, True])
+def test_snapshot_restores_an_earlier_point(mini, static):
     model, _ = mini
     ids = _ids(1, 30, seed=6)
     with torch.no_grad():
-        cache = make_cache(model.config, 1, dtype=torch.float32)
+        cache = make_cache(model.config, 1, dtype=torch.float32, capacity=64, static=static)
         model(ids[:, :20], cache)
-        snapshot = cache.clone()
+        snapshot = cache.snapshot()
         first = model(ids[:, 20:], cache)
         model(_ids(1, 7, seed=7), cache)  # wander off
-        cache.copy_(snapshot)
+        kv = [layer.k for layer in cache.layers if isinstance(layer, AttnCache)]
+        cache.restore(snapshot)
         again = model(ids[:, 20:], cache)
     assert torch.equal(first, again)
+    # in place (a captured CUDA graph holds the buffers), from a snapshot of the 20 positions used
+    assert all(a is b.k for a, b in zip(kv, (layer for layer in cache.layers if isinstance(layer, AttnCache))))
+    assert snapshot.nbytes() < cache.nbytes()
+    if static:
+        assert cache.pos.item() == cache.offset == 30
 
 
 def test_cache_grows_unless_static(mini):
