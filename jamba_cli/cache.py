@@ -43,6 +43,7 @@ class HybridCache:
         self.pos = pos  # (1,) long, static caches only
         self.offset = 0
         self.key_mask: torch.Tensor | None = None
+        self.decoder = None  # a captured decode step over these buffers (generation.CUDAGraphDecoder)
 
     @property
     def batch_size(self) -> int:

@@ -19,7 +19,8 @@ import torch
 
 from .cache import make_cache
 from .errors import JambaError
-from .generation import ContextOverflowError, GenerationChunk, stream_generate
+from .generation import ContextOverflowError, GenerationChunk, on_single_gpu, stream_generate
+from .quant import is_quantized
 from .terminal import Interrupt, stats_line
 
 FORMAT = "jamba-chat/1"
@@ -90,7 +91,11 @@ class ChatSession:
         self.settings = settings or ChatSettings()
         self.context_size = context_size or model.config.max_position_embeddings
         self.messages: list[dict] = []
-        self.cache = make_cache(model.config, 1, dtype=model.dtype, device=model.layer_devices())
+        # on one GPU the cache is static, sized by the context, so that every reply decodes as replays of
+        # one captured CUDA graph; elsewhere it grows with the conversation
+        static = on_single_gpu(model) and not is_quantized(model)
+        self.cache = make_cache(model.config, 1, dtype=model.dtype, device=model.layer_devices(),
+                                capacity=self.context_size if static else 0, static=static)
         self.seen: list[int] | None = []  # None: the cache's content is unknown (a turn died half way)
         self._snapshot = None
 
@@ -196,7 +201,8 @@ class ChatSession:
         state = _state_path(Path(path))
         if state.exists():
             try:
-                self.cache, self.seen = prompt_cache.load(state, self.model)
+                with torch.inference_mode():  # as in _restore: the cache's buffers may be inference tensors
+                    self.cache, self.seen = prompt_cache.load(state, self.model, into=self.cache)
             except JambaError as e:
                 console.print(f"note: {e}; the conversation will be recomputed", style="yellow", soft_wrap=True)
 

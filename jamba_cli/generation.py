@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,19 +31,21 @@ class CUDAGraphDecoder:
     """One decode step of `model` over a static `cache`, captured once as a CUDA graph and replayed.
 
     A replay launches every kernel of the step at once (no Python, no launch gaps) and advances the
-    cache's device position itself; `__call__` keeps the host-side offset in step.
+    cache's device position itself; `__call__` keeps the host-side offset in step. The cache is held
+    weakly: it keeps its decoder (`over`), and a replay over a freed cache's memory must not happen.
     """
 
     def __init__(self, model: JambaForCausalLM, cache: HybridCache):
         if not cache.static:
             raise ValueError("CUDA graphs need a static cache (make_cache(..., static=True))")
-        self.cache = cache
+        self.model, self.key_mask = model, cache.key_mask
+        self._cache = weakref.ref(cache)
         self.tokens = torch.zeros(cache.batch_size, 1, dtype=torch.long, device=model.device)
         snapshot = cache.snapshot()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # warm up: Triton compiles, cuBLAS picks its kernels
-            for _ in range(2):
+            for _ in range(min(2, cache.capacity - cache.offset)):  # at the context's end, one step fits
                 model(self.tokens, cache)
         torch.cuda.current_stream().wait_stream(stream)
         cache.restore(snapshot)  # undo the warm-up steps
@@ -51,11 +54,23 @@ class CUDAGraphDecoder:
             self.logits = model(self.tokens, cache)[:, -1]  # (B, V)
         cache.offset = snapshot.offset  # capturing ran the Python side of the step, not its kernels
 
+    @classmethod
+    def over(cls, model: JambaForCausalLM, cache: HybridCache) -> CUDAGraphDecoder:
+        """The decoder captured over `cache` before, or a new one kept with it: a chat's replies share one
+        graph, valid while the cache keeps its buffers (it restores and resets in place)."""
+        step = cache.decoder
+        if step is None or step.model is not model or step.key_mask is not cache.key_mask:
+            step = cache.decoder = cls(model, cache)
+        return step
+
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
-        self.cache.reserve(1)
+        cache = self._cache()
+        if cache is None:
+            raise RuntimeError("the cache this decode step was captured over is gone")
+        cache.reserve(1)
         self.tokens.copy_(tokens.view(-1, 1))
         self.graph.replay()
-        self.cache.offset += 1
+        cache.offset += 1
         return self.logits
 
 
@@ -128,7 +143,7 @@ def generate_step(model: JambaForCausalLM, prompt: torch.Tensor, *, cache: Hybri
     logits = prefill(model, prompt, cache, chunk=prefill_chunk, attention_mask=attention_mask)
     step = None
     if cuda_graph and single_gpu and cache.static and max_tokens > 1 and not is_quantized(model):
-        step = CUDAGraphDecoder(model, cache)
+        step = CUDAGraphDecoder.over(model, cache)
     logits = logits[:, -1]
     for i in range(max_tokens):
         logits = logits.float()

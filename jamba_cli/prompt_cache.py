@@ -102,14 +102,23 @@ def _fill(path: Path, cache: HybridCache, tensors: dict[str, torch.Tensor], n: i
         cache.pos.fill_(n)
 
 
-def load(path: Path, model: JambaForCausalLM) -> tuple[HybridCache, list[int]]:
+def load(path: Path, model: JambaForCausalLM, into: HybridCache | None = None) -> tuple[HybridCache, list[int]]:
     """Read a prompt cache file made by this model in this dtype; returns (cache, the tokens it has seen).
+    The cache is `into`, emptied first (its buffers kept), or a new one.
 
     Raises:
-        PromptCacheError: the file is unreadable, or was made by another model or dtype.
+        PromptCacheError: the file is unreadable, was made by another model or dtype, or holds more tokens
+            than the static cache `into` has room for.
     """
     tensors, tokens = _read(path, model)
-    cache = make_cache(model.config, 1, dtype=model.dtype, device=model.layer_devices(), capacity=len(tokens))
+    if into is None:
+        cache = make_cache(model.config, 1, dtype=model.dtype, device=model.layer_devices(), capacity=len(tokens))
+    else:
+        cache = into
+        cache.reset()
+    if cache.static and len(tokens) > cache.capacity:
+        raise PromptCacheError(f"prompt cache {path} holds {len(tokens)} tokens, more than the context "
+                               f"({cache.capacity})")
     _fill(path, cache, tensors, len(tokens))
     return cache, tokens
 

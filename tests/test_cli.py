@@ -276,6 +276,9 @@ def test_chat_save_load_and_resume(jamba, small, tmp_path, checkpoints):
     assert resumed.stdout == two + "\n" and resumed.stderr == ""
     loaded = jamba("chat", "-n", 4, "--ignore-eos", input=f"/load {path}\nTwo\n")
     assert loaded.stdout == two + "\n"
+    # /load in a session whose cache has grown: the state goes into the same cache, in place
+    again = jamba("chat", "-n", 4, "--ignore-eos", "-s", "Sys.", input=f"One\n/save {path}\nTwo\n/load {path}\nTwo\n")
+    assert again.stdout == one + "\n" + two + "\n" + two + "\n" and "recomputed" not in again.stderr
     other = jamba("chat", "-m", checkpoints["reasoning"][0], "--resume", path, input="Two\n")
     assert other.exit_code == 0 and "made by another model" in other.stderr and "recomputed" in other.stderr
     (tmp_path / "junk.json").write_text("[1, 2]")

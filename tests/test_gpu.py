@@ -206,3 +206,36 @@ def test_prefill_attention_matches_sdpa(t, offset):
             attn_mask=mask, is_causal=mask is None)
         got = ops.attention.prefill_attention(q, k, v, offset).transpose(1, 2)
         assert _rel(got, ref) < tol, dtype
+
+
+def test_chat_replies_replay_one_graph_and_equal_eager_replies():
+    # jamba chat on one GPU: a static cache sized by the context, every reply decoded by replaying the
+    # one CUDA graph captured over it (kept across turns, /regen and /clear), the same tokens as a chat
+    # on a growing cache decoded eagerly
+    from jamba_cli.chat import ChatSession, ChatSettings
+    from jamba_cli.loader import bundled_model_dir
+
+    model, tokenizer = load(bundled_model_dir(), dtype="fp32", device="cuda")
+
+    def chat(static):
+        s = ChatSession(model, tokenizer, name="bundled", context_size=512,
+                        settings=ChatSettings(max_tokens=24, temperature=0.0, ignore_eos=True))
+        if not static:
+            s.cache = make_cache(model.config, 1, dtype=model.dtype, device="cuda")
+        assert s.cache.static is static
+        return s
+
+    replies, decoders = {}, []
+    for static in (True, False):
+        s = chat(static)
+        said = lambda chunks: "".join(c.text for c in chunks)
+        replies[static] = [said(s.ask("ROMEO: speak.", lambda: False)), said(s.ask("And then?", lambda: False)),
+                           said(s.regenerate(lambda: False))]
+        decoders.append(s.cache.decoder)
+        s.clear()
+        replies[static].append(said(s.ask("JULIET: well?", lambda: False)))
+        decoders.append(s.cache.decoder)
+    assert replies[True] == replies[False]
+    assert len(set(replies[True])) > 1 and all(replies[True])
+    assert decoders[0] is not None and decoders[0] is decoders[1]  # captured once, replayed every turn
+    assert decoders[2] is decoders[3] is None  # the growing cache decodes eagerly
