@@ -92,10 +92,17 @@ class ChatSession:
         self.context_size = context_size or model.config.max_position_embeddings
         self.messages: list[dict] = []
         # on one GPU the cache is static, sized by the context, so that every reply decodes as replays of
-        # one captured CUDA graph; elsewhere it grows with the conversation
-        static = on_single_gpu(model) and not is_quantized(model)
-        self.cache = make_cache(model.config, 1, dtype=model.dtype, device=model.layer_devices(),
-                                capacity=self.context_size if static else 0, static=static)
+        # one captured CUDA graph; elsewhere, or where the whole context does not fit, it grows with the
+        # conversation
+        self.cache = None
+        if on_single_gpu(model) and not is_quantized(model):
+            try:
+                self.cache = make_cache(model.config, 1, dtype=model.dtype, device=model.layer_devices(),
+                                        capacity=self.context_size, static=True)
+            except torch.OutOfMemoryError:
+                pass
+        if self.cache is None:
+            self.cache = make_cache(model.config, 1, dtype=model.dtype, device=model.layer_devices())
         self.seen: list[int] | None = []  # None: the cache's content is unknown (a turn died half way)
         self._snapshot = None
 

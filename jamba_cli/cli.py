@@ -93,7 +93,8 @@ Load4Opt = Annotated[bool, typer.Option("--load-in-4bit", help="Quantize weights
 SkipOpt = Annotated[str, typer.Option(help="Modules left unquantized (comma-separated name parts).")]
 ThresholdOpt = Annotated[float, typer.Option(min=0.0, help="LLM.int8 outlier threshold for 8-bit.")]
 CtxOpt = Annotated[int | None, typer.Option("--ctx-size", min=1, help="Most tokens the context may hold "
-                                            "(default: the model's max_position_embeddings).")]
+                                            "(default: the model's max_position_embeddings); on a GPU, "
+                                            "chat sets its cache aside up front.")]
 MaxTokOpt = Annotated[int | None, typer.Option("--max-tokens", "-n", min=0, help="Most tokens to generate "
                                                "(default: generation_config.json, else 512).")]
 TempOpt = Annotated[float | None, typer.Option("--temperature", "--temp", min=0.0,
