@@ -92,8 +92,7 @@ class HybridCache:
         as a captured CUDA graph holds them. Positions past the snapshot keep stale K/V, never read: they
         are rewritten before the offset reaches them."""
         n = snapshot.offset
-        self.offset = 0
-        self.reserve(n)  # a no-op unless the buffers were replaced by smaller ones
+        self.reserve(n - self.offset)  # room for n positions: a no-op for the cache the snapshot came from
         for mine, theirs in zip(self.layers, snapshot.layers):
             if isinstance(mine, AttnCache):
                 mine.k[:, :, :n].copy_(theirs.k)

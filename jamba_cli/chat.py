@@ -209,7 +209,7 @@ class ChatSession:
         if state.exists():
             try:
                 with torch.inference_mode():  # as in _restore: the cache's buffers may be inference tensors
-                    self.cache, self.seen = prompt_cache.load(state, self.model, into=self.cache)
+                    self.seen = prompt_cache.load(state, self.model, self.cache)
             except JambaError as e:
                 console.print(f"note: {e}; the conversation will be recomputed", style="yellow", soft_wrap=True)
 

@@ -205,7 +205,6 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, Bm: to
             state.copy_(last)
         return y if out is None else out.copy_(y)
     b, e, t = u.shape
-    n = A.shape[-1]
     h = torch.zeros(b, e, n, dtype=torch.float32, device=u.device) if h0 is None else h0.float()
     dt = F.softplus(delta.float() + delta_bias.float()[:, None])  # (B, E, T)
     uf = u.float()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .cache import AttnCache, HybridCache, make_cache
+from .cache import AttnCache, HybridCache
 from .errors import JambaError
 from .model import JambaForCausalLM
 
@@ -86,6 +86,8 @@ def _read(path: Path, model: JambaForCausalLM) -> tuple[dict[str, torch.Tensor],
 
 def _fill(path: Path, cache: HybridCache, tensors: dict[str, torch.Tensor], n: int) -> None:
     """Copy the saved state of `n` positions into an empty `cache`."""
+    if cache.static and n > cache.capacity:
+        raise PromptCacheError(f"prompt cache {path} holds {n} tokens, more than the context ({cache.capacity})")
     cache.reserve(n)
     try:
         for i, layer in enumerate(cache.layers):
@@ -102,25 +104,18 @@ def _fill(path: Path, cache: HybridCache, tensors: dict[str, torch.Tensor], n: i
         cache.pos.fill_(n)
 
 
-def load(path: Path, model: JambaForCausalLM, into: HybridCache | None = None) -> tuple[HybridCache, list[int]]:
-    """Read a prompt cache file made by this model in this dtype; returns (cache, the tokens it has seen).
-    The cache is `into`, emptied first (its buffers kept), or a new one.
+def load(path: Path, model: JambaForCausalLM, cache: HybridCache) -> list[int]:
+    """Put the state of a prompt cache file made by this model in this dtype into `cache` (emptied first,
+    its buffers kept); returns the tokens that state has seen.
 
     Raises:
         PromptCacheError: the file is unreadable, was made by another model or dtype, or holds more tokens
-            than the static cache `into` has room for.
+            than the static `cache` has room for.
     """
     tensors, tokens = _read(path, model)
-    if into is None:
-        cache = make_cache(model.config, 1, dtype=model.dtype, device=model.layer_devices(), capacity=len(tokens))
-    else:
-        cache = into
-        cache.reset()
-    if cache.static and len(tokens) > cache.capacity:
-        raise PromptCacheError(f"prompt cache {path} holds {len(tokens)} tokens, more than the context "
-                               f"({cache.capacity})")
+    cache.reset()
     _fill(path, cache, tensors, len(tokens))
-    return cache, tokens
+    return tokens
 
 
 def restore(path: Path, model: JambaForCausalLM, ids: list[int], cache: HybridCache) -> int:
