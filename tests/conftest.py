@@ -4,6 +4,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -178,3 +181,13 @@ def fitted_lm(tmp_path_factory, tokenizer_dir) -> tuple[Path, torch.Tensor]:
     """(checkpoint, held-out ids (2, 256)) of `build_fitted_lm`."""
     directory = tmp_path_factory.mktemp("fitted")
     return directory, build_fitted_lm(directory, tokenizer_dir)
+
+
+def interpret(*argv: str) -> str:
+    """Run `python *argv` (e.g. "-c", code) fresh under Triton's CPU interpreter, which must be chosen before
+    Triton compiles anything; its stdout, or the failure's stderr. Skips where Triton is missing."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    r = subprocess.run([sys.executable, *argv], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r.stdout.strip()

@@ -2,13 +2,12 @@
 step, and the grouped-GEMM experts. (The kernels themselves are checked in test_gpu.py.)"""
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from jamba_cli.cache import make_cache
+from conftest import interpret
 
 
 def test_static_cache_decode_equals_dynamic(mini):
@@ -65,11 +64,6 @@ CHECKS = ["check_rms_norm", "check_silu_mul", "check_gemv", "check_swiglu_expert
 
 
 def test_triton_kernels_in_the_interpreter():
-    pytest.importorskip("triton")
-    # Triton's interpreter runs kernels on the CPU; it must be chosen before triton compiles anything,
-    # so the checks (tests/triton_checks.py) run in a fresh interpreter.
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    # Triton's interpreter runs kernels on the CPU; the checks (tests/triton_checks.py) run in a fresh one
     script = os.path.join(os.path.dirname(__file__), "triton_checks.py")
-    r = subprocess.run([sys.executable, script, *CHECKS], capture_output=True, text=True, env=env, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert r.stdout.split() == [w for c in CHECKS for w in ("ok", c)]
+    assert interpret(script, *CHECKS).split() == [w for c in CHECKS for w in ("ok", c)]

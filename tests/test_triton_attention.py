@@ -6,11 +6,7 @@ They use fp32: the interpreter truncates fp32 -> bf16 casts instead of rounding 
 dtype's roundings can only be compared on a GPU (benchmarks/bench_attention.py does).
 """
 
-import os
-import subprocess
-import sys
-
-import pytest
+from conftest import interpret
 
 CODE = r'''
 import torch
@@ -63,17 +59,8 @@ print("ok", cases)
 '''
 
 
-def _interpret(code: str) -> str:
-    """Run `code` in a fresh Python under Triton's interpreter; its stdout, or the failure's stderr."""
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return r.stdout.strip()
-
-
 def test_decode_attention_matches_the_torch_path_in_the_interpreter():
-    assert _interpret(CODE) == "ok 24"
+    assert interpret("-c", CODE) == "ok 24"
 
 
 PREFILL = r'''
@@ -102,4 +89,4 @@ print("ok", cases)
 
 
 def test_prefill_attention_matches_sdpa_in_the_interpreter():
-    assert _interpret(PREFILL) == "ok 4"
+    assert interpret("-c", PREFILL) == "ok 4"

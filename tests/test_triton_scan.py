@@ -1,11 +1,7 @@
 """jamba_cli/triton_scan.py against the PyTorch selective scan of kernels.py, in Triton's CPU interpreter.
 (Its speed against mamba-ssm is measured by benchmarks/bench_scan.py on a GPU.)"""
 
-import os
-import subprocess
-import sys
-
-import pytest
+from conftest import interpret
 
 # Triton's interpreter must be chosen before triton compiles anything, so the checks run in a fresh
 # interpreter. The interpreter scans element by element in Python: sizes are small, and only one case
@@ -45,7 +41,4 @@ print("ok")
 
 
 def test_triton_scan_in_the_interpreter():
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    r = subprocess.run([sys.executable, "-c", CODE], capture_output=True, text=True, env=env, timeout=300)
-    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+    assert interpret("-c", CODE) == "ok"
