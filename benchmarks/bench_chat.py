@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import materialize, shape_config  # noqa: E402
+from common import build, shape_config  # noqa: E402
 
 from jamba_cli.cache import make_cache  # noqa: E402
 from jamba_cli.chat import ChatSession, ChatSettings  # noqa: E402
@@ -60,10 +60,7 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=8192, help="the chat's context size (the static cache's)")
     args = ap.parse_args()
     cfg = JambaConfig.from_dict(shape_config(args.shape))
-    with torch.device("meta"):
-        model = JambaForCausalLM(cfg)
-    materialize(model, torch.bfloat16, "cuda")
-    model.eval()
+    model = build(JambaForCausalLM, cfg, torch.bfloat16, "cuda")
     tokenizer = load_tokenizer(bundled_model_dir())
     res = {"shape": args.shape, "device": torch.cuda.get_device_name(), "tokens_per_reply": args.tokens,
            "context": args.context}

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import materialize, shape_config  # noqa: E402
+from common import build, shape_config  # noqa: E402
 
 from jamba_cli import kernels  # noqa: E402
 from jamba_cli.cache import make_cache  # noqa: E402
@@ -182,10 +182,7 @@ def bench_ours(cfg_dict: dict, lengths: list[int], chunk: int, steps: int, log, 
                warm_max: int = 65536, rest: float = 0.0) -> dict:
     config = JambaConfig.from_dict(cfg_dict)
     t0 = time.perf_counter()
-    with torch.device("meta"):
-        model = JambaForCausalLM(config)
-    materialize(model, torch.bfloat16, "cuda")
-    model.eval()
+    model = build(JambaForCausalLM, config, torch.bfloat16, "cuda")
     out = {"build_seconds": time.perf_counter() - t0, "weights_gb": torch.cuda.memory_allocated() / GB}
     log(f"ours: built in {out['build_seconds']:.1f} s, {out['weights_gb']:.1f} GB")
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -322,10 +319,7 @@ def bench_hf(cfg_dict: dict, lengths: list[int], steps: int, log, warm_max: int 
         warnings.simplefilter("ignore")
         hf_cfg = HFConfig(**cfg_dict, use_mamba_kernels=True)
     t0 = time.perf_counter()
-    with torch.device("meta"):
-        model = HFModel(hf_cfg)
-    materialize(model, torch.bfloat16, "cuda")
-    model.eval()
+    model = build(HFModel, hf_cfg, torch.bfloat16, "cuda")
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
     out = {"build_seconds": time.perf_counter() - t0}

@@ -44,6 +44,15 @@ def random_param(name: str, shape, dtype: torch.dtype, device) -> torch.Tensor:
     return out.normal_(0.0, 0.02, generator=g)
 
 
+def build(cls, config, dtype: torch.dtype, device) -> torch.nn.Module:
+    """`cls(config)` in eval mode with materialize()'s random weights, made in place on `device` (the
+    parameters start on the meta device, so no full-size copy is ever built elsewhere)."""
+    with torch.device("meta"):
+        model = cls(config)
+    materialize(model, dtype, device)
+    return model.eval()
+
+
 def materialize(model: torch.nn.Module, dtype: torch.dtype, device) -> None:
     """Give every parameter of a model built on the meta device its random values, one at a time."""
     tied = {}
