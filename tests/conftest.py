@@ -16,6 +16,33 @@ import torch
 # The tiny models run fastest on one thread, and far faster than on two when the CPU is shared.
 torch.set_num_threads(1)
 
+# Relative tolerance of the numeric comparisons, by the lower precision of the two tensors compared: float
+# noise (another summation order, another CPU's vector width) stays far inside these, a wrong formula
+# does not. fp32 equals the transformers-parity bound the tests always used, now relative to the scale.
+RTOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+
+
+def assert_close(actual, expected, rtol: float | None = None, *, norm: bool = False, msg: str = "") -> None:
+    """The one numeric comparison of the tests.
+
+    Element-wise (the default): |actual - expected| <= rtol * (scale + |expected|), where scale is the
+    largest |expected| (the logits' scale), so a bound never sits inside the float noise of large values
+    and still catches a wrong small one. `norm`: ||actual - expected|| / ||expected|| <= rtol, for bf16
+    paths whose rounding differs element by element. rtol defaults to RTOL of the lower precision.
+    """
+    actual, expected = torch.as_tensor(actual), torch.as_tensor(expected)
+    if rtol is None:
+        rtol = max(RTOL.get(actual.dtype, 0.0), RTOL.get(expected.dtype, 0.0)) or RTOL[torch.float32]
+    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
+    assert a.shape == e.shape, f"shape {tuple(a.shape)} != {tuple(e.shape)} {msg}"
+    assert not a.isnan().any(), f"NaN in the result {msg}"
+    if norm:
+        err = ((a - e).norm() / e.norm().clamp_min(1e-30)).item()
+        assert err <= rtol, f"relative error {err:.3g} > {rtol:.3g} {msg}"
+        return
+    scale = e.abs().max().item() if e.numel() else 0.0
+    torch.testing.assert_close(a, e, rtol=rtol, atol=rtol * scale, equal_nan=False, msg=lambda m: f"{m} {msg}")
+
 VOCAB = 320
 SPECIALS = ["<|pad|>", "<|startoftext|>", "<|endoftext|>", "<|bom|>", "<|eom|>", "<|system|>", "<|user|>",
             "<|assistant|>"]
