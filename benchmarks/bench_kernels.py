@@ -1,4 +1,4 @@
-"""Micro-benchmarks behind the decode-step kernels in jamba_cli/triton_gemv.py and triton_ops.py (one GPU).
+"""Micro-benchmarks behind the decode-step kernels in jamba_cli/kernels/triton/ (gemv.py, ops.py, mamba.py; one GPU).
 
     python benchmarks/bench_kernels.py --out kernels.json
 
@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 import triton.testing
 
-from jamba_cli import kernels, triton_gemv as G, triton_ops as T
-from jamba_cli.model import Experts
+from jamba_cli import kernels
+from jamba_cli.kernels.triton import gemv as G, mamba as M, ops as T
 
 H, I, E, N, R, X, K = 4096, 14336, 8192, 16, 256, 16, 2
 BF = torch.bfloat16
@@ -125,7 +125,7 @@ def dense(r, summary):
         return F.linear(T.silu_mul(F.linear(x, gs[s]), F.linear(x, us[s])), ds[s])
 
     res = {"cublas_gb_s": nbytes / bench(lambda: [dense_ref(s) for s in range(len(gs))]) / 1e6}
-    base_down = G.DENSE_CONFIGS[1]
+    base_down = G.DENSE_TILES[1]
     res["swiglu"] = sweep(lambda c: [G.swiglu_mlp(x, gs[s], us[s], ds[s], configs=(c, base_down))
                                      for s in range(len(gs))],
                           lambda c: rel(G.swiglu_mlp(x, gs[0], us[0], ds[0], configs=(c, base_down)), dense_ref(0)),
@@ -143,19 +143,19 @@ def moe(r, summary):
     gu, dn = weights((X, 2 * I, H), X * 3 * I * H * 2), weights((X, H, I), X * 3 * I * H * 2)
     gu, dn = gu[:3], dn[:3]  # 3 x 5.6 GB: far beyond L2, and what memory allows
     r["moe"] = {}
-    base_down = G.MOE_CONFIGS[1]
+    base_down = G.MOE_TILES[1]
     for t in (1, 8):
         x = torch.randn(t, H, dtype=BF, device="cuda")
         logits = torch.randn(t, X, device="cuda").to(BF).float()
         w, idx = logits.softmax(-1).topk(K)
         w = w.to(BF)
         nbytes = idx.unique().numel() * 3 * I * H * 2 * len(gu)
-        ref = Experts._grouped(_E(gu[0], dn[0]), x, idx, w)
+        ref = kernels.grouped_experts(x, idx, w, gu[0], dn[0])
 
-        def run(s, sc=G.MOE_CONFIGS[0], dc=base_down):
+        def run(s, sc=G.MOE_TILES[0], dc=base_down):
             return G.swiglu_mlp(x, gu[s][:, :I], gu[s][:, I:], dn[s], logits, K, configs=(sc, dc))
 
-        res = {"grouped_mm_gb_s": nbytes / bench(lambda: [Experts._grouped(_E(gu[s], dn[s]), x, idx, w)
+        res = {"grouped_mm_gb_s": nbytes / bench(lambda: [kernels.grouped_experts(x, idx, w, gu[s], dn[s])
                                                           for s in range(len(gu))]) / 1e6}
         res["swiglu"] = sweep(lambda c: [run(s, c, base_down) for s in range(len(gu))],
                               lambda c: rel(run(0, c), ref), nbytes, dual=True)
@@ -206,7 +206,7 @@ def mamba(r, summary):
         return kernels.selective_state_update(ssm, u, F.linear(dt, dt_proj), A, Bm, Cm, D, z, dt_bias)
 
     def fused(conv, ssm, cfg=None):
-        return T.mamba_step(xz, conv, conv_w, conv_b, x_proj, *norms, 1e-6, dt_proj, dt_bias, A, D, ssm, config=cfg)
+        return M.mamba_step(xz, conv, conv_w, conv_b, x_proj, *norms, 1e-6, dt_proj, dt_bias, A, D, ssm, config=cfg)
 
     ref_conv, ref_ssm = conv0.clone(), ssm0.clone()
     ref = chain(ref_conv, ref_ssm)
@@ -226,12 +226,6 @@ def mamba(r, summary):
     r["mamba_step"] = res
     summary.append(f"mamba step: chain {res['torch_us']:.1f} us, fused best {res['best']}")
     print(summary[-1], flush=True)
-
-
-class _E(torch.nn.Module):
-    def __init__(self, gu, dn):
-        super().__init__()
-        self.gate_up_proj, self.down_proj, self.act = gu, dn, F.silu
 
 
 if __name__ == "__main__":

@@ -1,11 +1,14 @@
-"""Our Triton selective scan (jamba_cli/triton_scan.py) against mamba-ssm's selective_scan_fn (one GPU).
+"""Our Triton Mamba prompt kernels against mamba-ssm's and causal-conv1d's (one GPU): the selective scan
+(jamba_cli/kernels/triton/scan.py) against selective_scan_fn, and the causal conv
+(jamba_cli/kernels/triton/mamba.py) against causal_conv1d_fn.
 
     python benchmarks/bench_scan.py --out scan.json
 
 Jamba-Mini's Mamba shape at batch 1 (E = 8192 channels, N = 16 states), bf16 inputs laid out as the model
 passes them (u, z: halves of one (B, 2E, T) tensor; B, C: (B, N, T) views of (B, T, N) tensors).
 Sweeps tile configs at T = 16384, then times the best at T = 2048 and 65536, and with a start state
-(continuing a chunked prefill) against mamba-ssm plus the correction kernels.py adds.
+(continuing a chunked prefill) against mamba-ssm plus the correction it needs (kernels/compiled.py).
+The conv at T = 2048, 16384, 65536, from zeros and from a state.
 Errors are relative (Frobenius) to mamba-ssm's y and last state. Prints a table last; the JSON has all.
 """
 
@@ -20,7 +23,8 @@ from pathlib import Path
 import torch
 import triton.testing
 
-from jamba_cli import kernels, triton_scan
+from jamba_cli.kernels import compiled
+from jamba_cli.kernels.triton import mamba as triton_mamba, scan as triton_scan
 
 E, N = 8192, 16
 SWEEP_T = 16384
@@ -59,6 +63,30 @@ def ms(fn) -> float:
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
+def conv_bench() -> dict:
+    """Our prompt conv against causal-conv1d's, on u as the model passes it (a row-strided half of in_proj's
+    output), from zeros and continuing from a state; GB/s counts u read and y written once."""
+    out = {}
+    g = torch.Generator(device="cuda").manual_seed(3)
+    w = (torch.randn(E, 4, generator=g, device="cuda") * 0.3).to(torch.bfloat16)
+    b = (torch.randn(E, generator=g, device="cuda") * 0.1).to(torch.bfloat16)
+    for t in (2048, 16384, 65536):
+        torch.cuda.empty_cache()
+        xz = torch.randn(1, 2 * E, t, generator=g, device="cuda").to(torch.bfloat16)
+        u = xz[:, :E]
+        for resume in (False, True):
+            state = torch.randn(1, E, 3, generator=g, device="cuda").to(torch.bfloat16)
+            theirs = compiled.causal_conv1d(u, w, b, state.clone(), "silu", resume)
+            mine = triton_mamba.causal_conv1d(u, w, b, state.clone(), "silu", resume)
+            ours_ms = ms(lambda: triton_mamba.causal_conv1d(u, w, b, state, "silu", resume))
+            out[f"T={t}{' state' if resume else ''}"] = {
+                "ours_ms": ours_ms, "causal_conv1d_ms": ms(lambda: compiled.causal_conv1d(u, w, b, state, "silu", resume)),
+                "rel_err": rel(mine, theirs), "ours_gb_s": 2 * u.numel() * 2 / ours_ms / 1e6}
+            print(t, resume, out[f"T={t}{' state' if resume else ''}"], flush=True)
+        del xz, u
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, required=True)
@@ -75,7 +103,10 @@ def main() -> None:
 
     def ours(x, cfg, h0=None):
         u, delta, A, Bm, Cm, D, z, bias = x
-        return triton_scan.selective_scan(u, delta, A, Bm, Cm, D, z, bias, h0=h0, **as_kwargs(cfg))
+        state = torch.empty(u.shape[0], E, N, device="cuda") if h0 is None else h0.clone()
+        y = triton_scan.selective_scan(u, delta, A, Bm, Cm, D, z, bias, state, resume=h0 is not None,
+                                       **as_kwargs(cfg))
+        return y, state
 
     x = make_inputs(SWEEP_T)
     ref_y, ref_last = mamba(x)
@@ -93,14 +124,12 @@ def main() -> None:
     best = min((r["ms"], c) for c in CONFIGS if "ms" in (r := res["sweep"][str(c)]) and r["rel_err_y"] < 2e-2)[1]
     res["best"] = str(best)
 
-    # with a start state: ours natively, against mamba-ssm's scan plus the correction for h0 that kernels.py
-    # applies when our kernel is off
+    # with a start state: ours natively, against mamba-ssm's scan plus the correction for h0 it needs
     h0 = torch.randn(1, E, N, device="cuda") * 0.5
-    kernels.TRITON_SCAN = False
 
     def baseline(state):
         u, delta, A, Bm, Cm, D, z, bias = x
-        return kernels.selective_scan(u, delta, A, Bm, Cm, D, z, bias, state, resume=True)
+        return compiled.selective_scan(u, delta, A, Bm, Cm, D, z, bias, state, resume=True)
 
     st = h0.clone()
     ref_h0_y = baseline(st)
@@ -119,6 +148,7 @@ def main() -> None:
                           "rel_err_last": rel(last, ref_last)}
         del x, ref_y, ref_last
     res["by_T"][SWEEP_T] = res["sweep"][str(best)]
+    res["conv"] = conv_bench()
     res["wall_s"] = time.monotonic() - start
     args.out.write_text(json.dumps(res, indent=1, default=str))
 
@@ -132,6 +162,10 @@ def main() -> None:
     print(f"{SWEEP_T:>6} {h['ms']:8.3f} {h['mamba_plus_correction_ms']:9.3f} "
           f"{h['mamba_plus_correction_ms'] / h['ms']:8.2f} {h['rel_err_y']:8.1e} {h['rel_err_last']:8.1e}"
           "  (with a start state; mamba-ssm plus the correction)")
+    print(f"\ncausal conv, B=1 E={E} K=4 bf16: ours vs causal_conv1d_fn (ms)")
+    for key, r in res["conv"].items():
+        print(f"{key:>14} ours {r['ours_ms']:.3f}  causal-conv1d {r['causal_conv1d_ms']:.3f}  "
+              f"({r['causal_conv1d_ms'] / r['ours_ms']:.2f}x)  err {r['rel_err']:.1e}  {r['ours_gb_s']:.0f} GB/s")
     errors = sum("error" in v for v in res["sweep"].values())
     print(f"({errors} configs failed; wall {res['wall_s']:.0f} s)")
 

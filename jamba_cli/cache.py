@@ -1,13 +1,13 @@
-"""The hybrid cache: K/V for the attention layers, conv + SSM state for the Mamba layers.
+"""The hybrid cache: K/V for the attention layers, conv + SSM state for the Mamba layers, and the position.
 
-The cache is plain data made by `make_cache` and passed into `model(input_ids, cache)`, which appends
-to it. It cannot be trimmed: a Mamba state summarises every token it has seen and there is no way to
-take one back. To return to an earlier point, `clone()` the cache there and keep the copy.
+The cache is made by `make_cache` and passed into `model(input_ids, cache)`, which appends to it. It
+cannot be trimmed: a Mamba state summarises every token it has seen and there is no way to take one back.
+To return to an earlier point, `snapshot()` the cache there and `restore()` it later.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -19,6 +19,13 @@ class AttnCache:
     k: torch.Tensor  # (B, G, capacity, Dh); positions >= cache.offset are unused
     v: torch.Tensor  # (B, G, capacity, Dh)
 
+    def append(self, k: torch.Tensor, v: torch.Tensor, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the new keys and values (B, G, T, Dh) at positions offset.., return all (B, G, offset+T, Dh)."""
+        t = k.shape[2]
+        self.k[:, :, offset:offset + t] = k
+        self.v[:, :, offset:offset + t] = v
+        return self.k[:, :, :offset + t], self.v[:, :, :offset + t]
+
 
 @dataclass
 class MambaCache:
@@ -26,13 +33,62 @@ class MambaCache:
     ssm: torch.Tensor  # (B, E, N), float32: the selective-scan state h
 
 
+@dataclass
+class Span:
+    """Where the T new tokens of one forward call sit: after `offset` positions already cached.
+
+    Attributes:
+        offset: positions in the cache before these tokens (0 without a cache).
+        length: T.
+        pad_mask: (B, T) bool, False at left padding of a batched prompt; None when every token is real.
+        key_mask: (B, S) bool over the positions attention may read (S = offset + T, or a static cache's
+            capacity), False at padding; None without padding.
+        pos: (1,) long on the device, equal to `offset`, for a static cache: a decode step that reads its
+            position there has fixed shapes and can be replayed as a CUDA graph.
+    """
+
+    offset: int
+    length: int
+    pad_mask: torch.Tensor | None = None
+    key_mask: torch.Tensor | None = None
+    pos: torch.Tensor | None = None
+    _moved: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def attention_mask(self) -> torch.Tensor | None:
+        """Boolean (B, 1, T, S) causal mask with padding, or None where plain causal attention does."""
+        if self.key_mask is None or self.length == 1:
+            return None
+        if "mask" not in self._moved:
+            t, s = self.length, self.offset + self.length
+            key_mask = self.key_mask[:, :s]
+            q_pos = torch.arange(self.offset, s, device=key_mask.device)[:, None]
+            k_pos = torch.arange(s, device=key_mask.device)[None, :]
+            # a padding query attends to itself alone, so its row is never empty (no NaN)
+            allowed = (k_pos <= q_pos) & (key_mask[:, None, :] | (k_pos == q_pos))  # (B, T, S)
+            self._moved["mask"] = allowed.unsqueeze(1)
+        return self._moved["mask"]
+
+    def to(self, device: torch.device) -> Span:
+        """This span with its tensors on `device` (a model split over devices; copies made once)."""
+        tensors = (self.pad_mask, self.key_mask, self.pos)
+        if all(t is None or t.device == device for t in tensors):
+            return self
+        if device not in self._moved:
+            moved = Span(self.offset, self.length, *(None if t is None else t.to(device) for t in tensors))
+            if "mask" in self._moved:
+                moved._moved["mask"] = self._moved["mask"].to(device)
+            self._moved[device] = moved
+        return self._moved[device]
+
+
 class HybridCache:
-    """Per-layer state of a batch of sequences, plus how many positions it has seen (`offset`).
+    """Per-layer state of a batch of sequences, and how many positions it has seen (`offset`).
 
     `key_mask` (B, capacity) marks the positions that are real tokens; it is None until a call brings
     padding (left-padded batched prompts), so the unpadded common case pays nothing for it.
     With `static=True` the K/V buffers never grow and `pos` holds `offset` on the device, so a decode
-    step has fixed shapes and reads no host value: it can be captured in a CUDA graph.
+    step has fixed shapes and reads no host value: it can be captured in a CUDA graph. `advance` and
+    `seek` are the only ways the position moves; they keep `offset` and `pos` equal.
     """
 
     def __init__(self, layers: list[AttnCache | MambaCache], capacity: int, static: bool = False,
@@ -48,6 +104,28 @@ class HybridCache:
     @property
     def batch_size(self) -> int:
         return self.layers[0].k.shape[0] if isinstance(self.layers[0], AttnCache) else self.layers[0].conv.shape[0]
+
+    def span(self, t: int, pad_mask: torch.Tensor | None = None) -> Span:
+        """Make room for `t` new tokens (`pad_mask` (B, t): which are real) and say where they go. The
+        position does not move: `advance(t)` once they are in."""
+        self.reserve(t)
+        self.record_padding(pad_mask, t)
+        key_mask = self.key_mask
+        if key_mask is not None and self.pos is None:
+            key_mask = key_mask[:, :self.offset + t]
+        return Span(self.offset, t, pad_mask, key_mask, self.pos)
+
+    def advance(self, t: int) -> None:
+        """The state now holds `t` more positions."""
+        self.offset += t
+        if self.pos is not None:
+            self.pos.add_(t)
+
+    def seek(self, n: int) -> None:
+        """Set the position to `n` (the state held must be that of n positions: `restore` and loaders)."""
+        self.offset = n
+        if self.pos is not None:
+            self.pos.fill_(n)
 
     def reserve(self, new_tokens: int) -> None:
         """Make room for `new_tokens` more positions, doubling the K/V buffers when they are full."""
@@ -83,7 +161,7 @@ class HybridCache:
         layers = [AttnCache(l.k[:, :, :n].clone(), l.v[:, :, :n].clone()) if isinstance(l, AttnCache) else
                   MambaCache(l.conv.clone(), l.ssm.clone()) for l in self.layers]
         out = HybridCache(layers, n)
-        out.offset = n
+        out.seek(n)
         out.key_mask = None if self.key_mask is None else self.key_mask[:, :n].clone()
         return out
 
@@ -100,9 +178,7 @@ class HybridCache:
             else:
                 mine.conv.copy_(theirs.conv)
                 mine.ssm.copy_(theirs.ssm)
-        self.offset = n
-        if self.pos is not None:
-            self.pos.fill_(n)
+        self.seek(n)
         if snapshot.key_mask is None:
             self.key_mask = None
         elif self.key_mask is None:
@@ -117,9 +193,7 @@ class HybridCache:
             if isinstance(layer, MambaCache):
                 layer.conv.zero_()
                 layer.ssm.zero_()
-        self.offset = 0
-        if self.pos is not None:
-            self.pos.zero_()
+        self.seek(0)
         self.key_mask = None
 
     def nbytes(self) -> int:

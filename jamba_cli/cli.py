@@ -219,16 +219,13 @@ def load_model(console, spec, *, revision=None, yes=False, dtype=DType.auto, dev
     if placement["load_in_8bit"] and placement["load_in_4bit"]:
         raise UsageError("--load-in-8bit and --load-in-4bit exclude each other")
     directory, name = _model_dir(console, spec, revision, yes)
-    from . import kernels as kernel_choice
     from .loader import load
-
-    kernel_choice.use(kernels.value)
     from .terminal import load_progress
 
     start = time.perf_counter()
     with load_progress(console, f"Loading {name}") as progress:
         model, tokenizer = load(directory, dtype=None if dtype == DType.auto else dtype.value, device=device,
-                                progress=progress, **placement)
+                                progress=progress, kernels=kernels.value, **placement)
     load_s = time.perf_counter() - start
     if stats:
         from .quant import footprint

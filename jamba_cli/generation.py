@@ -30,9 +30,10 @@ class ContextOverflowError(JambaError):
 class CUDAGraphDecoder:
     """One decode step of `model` over a static `cache`, captured once as a CUDA graph and replayed.
 
-    A replay launches every kernel of the step at once (no Python, no launch gaps) and advances the
-    cache's device position itself; `__call__` keeps the host-side offset in step. The cache is held
-    weakly: it keeps its decoder (`over`), and a replay over a freed cache's memory must not happen.
+    A replay launches every kernel of the step at once (no Python, no launch gaps). The graph holds
+    `model.compute`, which reads the position from the cache's device tensor and does not move it; each
+    call then advances the cache by one token. The cache is held weakly: it keeps its decoder (`over`),
+    and a replay over a freed cache's memory must not happen.
     """
 
     def __init__(self, model: JambaForCausalLM, cache: HybridCache):
@@ -51,8 +52,7 @@ class CUDAGraphDecoder:
         cache.restore(snapshot)  # undo the warm-up steps
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.logits = model(self.tokens, cache)[:, -1]  # (B, V)
-        cache.offset = snapshot.offset  # capturing ran the Python side of the step, not its kernels
+            self.logits = model.compute(self.tokens, cache)[:, -1]  # (B, V)
 
     @classmethod
     def over(cls, model: JambaForCausalLM, cache: HybridCache) -> CUDAGraphDecoder:
@@ -70,7 +70,7 @@ class CUDAGraphDecoder:
         cache.reserve(1)
         self.tokens.copy_(tokens.view(-1, 1))
         self.graph.replay()
-        cache.offset += 1
+        cache.advance(1)
         return self.logits
 
 

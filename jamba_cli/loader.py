@@ -28,6 +28,7 @@ import torch
 from . import devices, quant
 from .config import JambaConfig
 from .errors import CheckpointError, ConfigError, DeviceMapError, JambaError
+from .kernels import KernelOptions
 from .model import JambaForCausalLM
 from .tokenizer import Tokenizer, load_tokenizer
 
@@ -426,7 +427,8 @@ def load(path_or_repo: str | os.PathLike | None = None, *, dtype: torch.dtype | 
          progress: Progress | None = None, device_map: str | dict | os.PathLike | None = None,
          max_memory: dict | str | None = None, offload_folder: str | os.PathLike | None = None,
          load_in_8bit: bool = False, load_in_4bit: bool = False, int8_skip: tuple[str, ...] | str = quant.DEFAULT_SKIP,
-         int8_threshold: float = 6.0) -> tuple[JambaForCausalLM, Tokenizer]:
+         int8_threshold: float = 6.0, kernels: KernelOptions | str | None = None
+         ) -> tuple[JambaForCausalLM, Tokenizer]:
     """Load a Jamba model and its tokenizer.
 
     Args:
@@ -445,6 +447,8 @@ def load(path_or_repo: str | os.PathLike | None = None, *, dtype: torch.dtype | 
             quantized as they stream in; `int8_skip` names the modules kept in full precision (Mamba mixers,
             routers and lm_head by default); `int8_threshold` is LLM.int8's outlier threshold.
         progress: called with (bytes loaded, total bytes) as the weights stream in.
+        kernels: the kernel choices the model runs with (`kernels.KernelOptions`, or "auto"/"torch" for
+            its backend); default: the active ones (`kernels.using`).
 
     Returns:
         (model, tokenizer). Raises a JambaError subclass with a one-line message.
@@ -464,6 +468,12 @@ def load(path_or_repo: str | os.PathLike | None = None, *, dtype: torch.dtype | 
     if not (directory / "config.json").exists():
         raise CheckpointError(f"no config.json in {directory}")
     tokenizer = load_tokenizer(directory)
+    if isinstance(kernels, str):
+        try:
+            kernels = KernelOptions(backend=kernels)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     model = load_model(directory, dtype=dtype, device=device, device_map=device_map, max_memory=max_memory,
                        offload_folder=offload_folder, quant_config=quant_config, progress=progress)
+    model.kernel_options = kernels
     return model, tokenizer

@@ -1,10 +1,13 @@
-"""Jamba (AI21's hybrid Transformer-Mamba mixture-of-experts LM) in plain PyTorch.
+"""Jamba (AI21's hybrid Transformer-Mamba mixture-of-experts LM) in PyTorch.
 
 Module names equal the checkpoint keys (`model.layers.3.mamba.in_proj.weight`, ...), except that the
 experts of an MoE layer are stacked as transformers v5 keeps them in memory
 (`feed_forward.experts.gate_up_proj` (X, 2I, H), `feed_forward.experts.down_proj` (X, H, I));
 `loader.py` stacks the per-expert tensors found on disk. Numerics follow transformers'
 JambaForCausalLM on its mamba-ssm kernel path.
+
+Operations with more than one implementation (norms, linears, attention, the scan, ...) are calls into
+`kernels`, which picks one for the device and the installed kernels; this file is the math.
 
 Glossary:
     B  batch                      T  tokens in this call        S  tokens in the cache after it
@@ -18,14 +21,24 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import kernels
-from .cache import AttnCache, HybridCache, MambaCache
+from .cache import AttnCache, HybridCache, MambaCache, Span
 from .config import JambaConfig
 
 
+class Linear(nn.Linear):
+    """nn.Linear through the kernel seam. Its weight is a plain tensor the fused kernels may read."""
+
+    weight_format = "dense"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.linear(x, self.weight, self.bias)
+
+
 class RMSNorm(nn.Module):
+    """x / sqrt(mean(x²) + eps) · weight, over the last dim."""
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
@@ -47,95 +60,41 @@ class Attention(nn.Module):
     def __init__(self, cfg: JambaConfig):
         super().__init__()
         self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
+        self.q_proj = Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=False)
+        self.v_proj = Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=False)
+        self.o_proj = Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, cache: AttnCache | None, offset: int, mask: torch.Tensor | None,
-                key_mask: torch.Tensor | None = None, pos: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: AttnCache | None, at: Span) -> torch.Tensor:
         b, t, _ = x.shape
-        q = _linear(self.q_proj, x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, A, T, Dh)
-        k = _linear(self.k_proj, x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)  # (B, G, T, Dh)
-        v = _linear(self.v_proj, x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
-        gqa = self.n_kv != self.n_heads
-        static_step = cache is not None and t == 1 and pos is not None  # the position is on the device
-        if cache is not None and not static_step:  # append to the cache, then attend to all it holds
-            cache.k[:, :, offset:offset + t] = k
-            cache.v[:, :, offset:offset + t] = v
-            k, v = cache.k[:, :, :offset + t], cache.v[:, :, :offset + t]  # (B, G, S, Dh)
-        fast = kernels.PREFILL_ATTENTION and t > 1 and mask is None and self.head_dim in (16, 32, 64, 128)
-        ops = kernels.on_cuda(x) if fast else None
-        if ops is not None:  # causal prefill in our Triton kernel: GQA heads read K/V in place
-            out = ops.attention.prefill_attention(q, k, v, offset)  # (B, T, A, Dh)
-            return _linear(self.o_proj, out.view(b, t, -1))
-        if static_step:  # a CUDA graph can replay this step as pos advances
-            ops = kernels.on_cuda(x)
-            if ops is not None:  # the cache write and attention in two kernels
-                out = ops.attention.decode_attention(q, k, v, cache.k, cache.v, pos, key_mask)
-                return _linear(self.o_proj, out.view(b, t, -1))
-            cache.k.index_copy_(2, pos, k)
-            cache.v.index_copy_(2, pos, v)
-            valid = torch.arange(cache.k.shape[2], device=x.device) <= pos  # (capacity,)
-            out = _decode_attention(q, cache.k, cache.v, valid if key_mask is None else valid & key_mask)
-        elif cache is None:
-            with _attention_backends():
-                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and t > 1,
-                                                     enable_gqa=gqa)
-        elif t == 1:
-            out = _decode_attention(q, k, v, key_mask)
-        elif mask is None and offset > 0:  # causal with the queries at the end: no mask materialised
-            # imported here: the module pulls in torch._dynamo (1.7 s) and most runs never need it
-            from torch.nn.attention.bias import causal_lower_right
-
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(t, offset + t),
-                                                 enable_gqa=gqa)
-        else:
-            with _attention_backends():
-                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                                     enable_gqa=gqa)
-        return _linear(self.o_proj, out.transpose(1, 2).reshape(b, t, -1))
-
-
-def _attention_backends():
-    # cuDNN's SDPA fails (illegal memory access) on a 64K-token causal prompt on an H200 (torch 2.11,
-    # cu130), and below that it is no faster than FlashAttention-2 yet builds a plan for every new prompt
-    # length (+40-70 ms to the first token, benchmarks/results/generate_h200_tuning.json)
-    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
-
-
-def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None):
-    """One query position against S cached ones, reading each K/V head once (no repeat for GQA).
-
-    q: (B, A, 1, Dh), k/v: (B, G, S, Dh), valid: (S,) or (B, S) bool -> (B, A, 1, Dh)."""
-    b, a, _, d = q.shape
-    g = k.shape[1]
-    qg = q.view(b, g, a // g, d)  # query heads j·A/G ... grouped under K/V head j
-    scores = torch.matmul(qg, k.transpose(-1, -2)) * d ** -0.5  # (B, G, A/G, S)
-    if valid is not None:
-        valid = valid.view(-1, 1, 1, valid.shape[-1])
-        scores = scores.masked_fill(~valid, float("-inf"))
-    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-    return torch.matmul(probs, v).view(b, a, 1, d)
+        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, A, T, Dh)
+        k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)  # (B, G, T, Dh)
+        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        out = kernels.attention(q, k, v, cache, at)  # (B, T, A, Dh): softmax(q·kᵀ/√Dh, causal)·v over the cache
+        return self.o_proj(out.reshape(b, t, -1))
 
 
 class MambaMixer(nn.Module):
-    """Mamba-1 selective SSM with Jamba's extra RMSNorms on dt, B and C."""
+    """Mamba-1 selective SSM with Jamba's extra RMSNorms on dt, B and C.
+
+    u, z = in_proj(x); u = silu(causal_conv1d(u)); dt, B, C = x_proj(u); Δ = softplus(dt_proj(norm(dt)));
+    h_t = exp(Δ_t A) h_{t-1} + Δ_t B_t u_t; y_t = (C_t·h_t + D u_t) · silu(z_t); out_proj(y).
+    """
 
     def __init__(self, cfg: JambaConfig):
         super().__init__()
         h, e, n, r, k = cfg.hidden_size, cfg.d_inner, cfg.mamba_d_state, cfg.mamba_dt_rank, cfg.mamba_d_conv
         self.d_inner, self.d_state, self.dt_rank, self.act = e, n, r, cfg.hidden_act
-        self.in_proj = nn.Linear(h, 2 * e, bias=cfg.mamba_proj_bias)  # rows [0:E] = u, [E:2E] = z (gate)
+        self.in_proj = Linear(h, 2 * e, bias=cfg.mamba_proj_bias)  # rows [0:E] = u, [E:2E] = z (gate)
         self.conv1d = nn.Conv1d(e, e, k, groups=e, padding=k - 1, bias=cfg.mamba_conv_bias)  # (E, 1, K)
-        self.x_proj = nn.Linear(e, r + 2 * n, bias=False)  # columns [dt | B | C]
-        self.dt_proj = nn.Linear(r, e, bias=True)
+        self.x_proj = Linear(e, r + 2 * n, bias=False)  # columns [dt | B | C]
+        self.dt_proj = Linear(r, e, bias=True)
         self.A_log = nn.Parameter(torch.empty(e, n))  # (E, N)
         if self.A_log.device.type != "meta":  # compute ops on meta import ~70 MB of decompositions
             with torch.no_grad():
                 self.A_log.copy_(torch.arange(1, n + 1, dtype=torch.float32).log())  # S4D-real: A = -(1..N)
         self.D = nn.Parameter(torch.ones(e))
-        self.out_proj = nn.Linear(e, h, bias=cfg.mamba_proj_bias)
+        self.out_proj = Linear(e, h, bias=cfg.mamba_proj_bias)
         self.dt_layernorm = RMSNorm(r, cfg.rms_norm_eps)
         self.b_layernorm = RMSNorm(n, cfg.rms_norm_eps)
         self.c_layernorm = RMSNorm(n, cfg.rms_norm_eps)
@@ -151,18 +110,18 @@ class MambaMixer(nn.Module):
             self._A, self._A_key = -torch.exp(self.A_log.float()), key
         return self._A
 
-    def forward(self, x: torch.Tensor, cache: MambaCache | None, offset: int,
-                pad_mask: torch.Tensor | None) -> torch.Tensor:
-        if cache is not None and x.shape[1] == 1 and offset > 0:
-            return self._step(x, cache)
-        # channel-first (B, E, T) throughout: the layout the scan kernel wants, with no transposing copies.
-        # Rows are a multiple of 8 tokens long, zeros after the prompt, so that each starts on a 16-byte
-        # boundary: with unaligned rows cuBLAS falls back to slow kernels (in_proj of Jamba-Mini at 16383
-        # tokens took 21 ms instead of 3 on an H200, the whole prefill twice as long) and the conv and scan
-        # kernels lose their vector loads. The conv never looks ahead, so the zeros change nothing before
-        # them; the scan, whose state must stop at the last real token, runs without them.
+    def forward(self, x: torch.Tensor, cache: MambaCache | None, at: Span) -> torch.Tensor:
+        if cache is not None and at.length == 1 and at.offset > 0:  # one token: the states advance by one
+            y = kernels.mamba_step(self.in_proj(x[:, 0]), cache, self)  # (B, E), the same math with T = 1
+            return self.out_proj(y).unsqueeze(1)  # (B, 1, H)
+        # channel-first (B, E, T) throughout: the layout the scan wants, with no transposing copies. Rows are
+        # a multiple of 8 tokens long, zeros after the prompt, so each starts on a 16-byte boundary: matrix
+        # products, the conv and the scan then read whole vectors (unaligned rows made a prompt twice as
+        # slow; README, "Benchmarks"). The conv never looks ahead, so the zeros change nothing before them;
+        # the scan, whose state must stop at the last real token, runs without them.
         t = x.shape[1]
         tp = -(-t // 8) * 8
+        pad_mask = at.pad_mask
         if tp != t:
             x = F.pad(x, (0, 0, 0, tp - t))
             pad_mask = None if pad_mask is None else F.pad(pad_mask, (0, tp - t))
@@ -172,15 +131,15 @@ class MambaMixer(nn.Module):
         u, z = xz.chunk(2, dim=1)  # (B, E, Tp) each
         if pad_mask is not None:  # zero padding so left-padded rows see exactly what unpadded ones see
             u = u * pad_mask.unsqueeze(1)
-        resume = offset > 0
+        resume = at.offset > 0
         u = kernels.causal_conv1d(u, self.conv1d.weight.squeeze(1), self.conv1d.bias,
                                   None if cache is None else cache.conv, self.act, resume, length=t)  # (B, E, Tp)
         if pad_mask is not None:
             u = u * pad_mask.unsqueeze(1)
         dt, Bm, Cm = self.x_proj(u.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = torch.matmul(self.dt_proj.weight, self.dt_layernorm(dt).transpose(1, 2))  # (B, E, Tp), no bias
-        # out_proj reads y's rows whole, zero padding included, and its extra outputs are cut off: over T rows
-        # of this column-major y, cuBLAS would again leave its fast kernels
+        # out_proj reads y's rows whole, zero padding included, and its extra outputs are cut off: y stays
+        # aligned for it as for in_proj
         y = u.new_empty(u.shape)  # (B, E, Tp)
         y[..., t:] = 0
         kernels.selective_scan(u[..., :t], delta[..., :t], self.neg_A(), self.b_layernorm(Bm[:, :t]).transpose(1, 2),
@@ -188,45 +147,25 @@ class MambaMixer(nn.Module):
                                None if cache is None else cache.ssm, resume, out=y[..., :t])
         return self.out_proj(y.transpose(1, 2))[:, :t]  # (B, T, H)
 
-    def _step(self, x: torch.Tensor, cache: MambaCache) -> torch.Tensor:
-        """One decode step for x (B, 1, H): the conv and SSM states advance by one token."""
-        xz = _linear(self.in_proj, x[:, 0])  # (B, 2E)
-        fused = xz.shape[0] == 1 and self.act in ("silu", "swish") and self.d_state & (self.d_state - 1) == 0
-        ops = kernels.on_cuda(xz) if fused else None
-        if ops is not None:  # batch 1: everything between in_proj and out_proj in three kernels
-            y = ops.triton.mamba_step(xz, cache.conv, self.conv1d.weight.squeeze(1), self.conv1d.bias,
-                                      self.x_proj.weight, self.dt_layernorm.weight, self.b_layernorm.weight,
-                                      self.c_layernorm.weight, self.dt_layernorm.eps, self.dt_proj.weight,
-                                      self.dt_proj.bias, self.neg_A(), self.D, cache.ssm)
-            return _linear(self.out_proj, y).unsqueeze(1)
-        u, z = xz.chunk(2, dim=-1)  # (B, E) each
-        u = kernels.causal_conv1d_update(u, self.conv1d.weight.squeeze(1), self.conv1d.bias, cache.conv, self.act)
-        dt, Bm, Cm = self.x_proj(u).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = F.linear(self.dt_layernorm(dt), self.dt_proj.weight)  # (B, E); the bias is added in fp32
-        y = kernels.selective_state_update(cache.ssm, u, delta, self.neg_A(),
-                                           self.b_layernorm(Bm), self.c_layernorm(Cm), self.D, z, self.dt_proj.bias)
-        return _linear(self.out_proj, y).unsqueeze(1)  # (B, 1, H)
-
 
 class MLP(nn.Module):
+    """SwiGLU: down(act(gate(x)) * up(x))."""
+
     def __init__(self, cfg: JambaConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
         self.act = kernels.ACT[cfg.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ops = kernels.on_cuda(x) if self.act is F.silu and x.numel() == x.shape[-1] else None
-        if ops is not None and all(type(m) is nn.Linear for m in (self.gate_proj, self.up_proj, self.down_proj)):
-            # one token: gate, up and SwiGLU in one GEMV kernel, down in another
-            return ops.gemv.swiglu_mlp(x.reshape(1, -1), self.gate_proj.weight, self.up_proj.weight,
-                                       self.down_proj.weight).view_as(x)
-        return self.down_proj(kernels.act_mul(self.act, self.gate_proj(x), self.up_proj(x)))
+        return kernels.mlp(x, self.gate_proj, self.up_proj, self.down_proj, self.act)
 
 
 class Experts(nn.Module):
-    """X SwiGLU experts with stacked weights; each token runs through the k experts it was routed to."""
+    """X SwiGLU experts with stacked weights: expert e maps x to down_e(act(gate_e(x)) * up_e(x))."""
+
+    weight_format = "dense"
 
     def __init__(self, cfg: JambaConfig):
         super().__init__()
@@ -235,69 +174,32 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(x, h, i))
         self.act = kernels.ACT[cfg.hidden_act]
 
-    def forward(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        # x: (T, H), idx/w: (T, k) -> (T, H)
-        ops = kernels.on_cuda(x) if self.act is F.silu else None
-        if ops is not None and x.dtype == torch.bfloat16:  # grouped GEMM is bf16-only; no host sync
-            return self._grouped(x, idx, w)
-        return self.per_expert(x, idx, w)
-
-    def per_expert(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """Each expert on the tokens routed to it, one expert after the other (a host sync per call)."""
-        out = torch.zeros_like(x)
-        for e in idx.unique().tolist():
-            tok, slot = torch.where(idx == e)
-            y = self.expert(e, x[tok])
-            out.index_add_(0, tok, (y * w[tok, slot, None]).to(x.dtype))
-        return out
-
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        # (T, H) -> (T, H); quant.QuantExperts overrides this with one quantized linear per projection
+        """Expert e on tokens x (T, H) -> (T, H)."""
         gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)  # (T, I) each
         return F.linear(self.act(gate) * up, self.down_proj[e])
 
-    def _grouped(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """All experts in two grouped GEMMs over the (token, slot) pairs sorted by expert."""
-        t, k = idx.shape
-        flat = idx.flatten()  # (T·k,)
-        order = flat.argsort(stable=True)
-        counts = torch.zeros(self.gate_up_proj.shape[0], dtype=torch.long, device=x.device)
-        counts.scatter_add_(0, flat, torch.ones_like(flat))
-        offs = counts.cumsum(0).to(torch.int32)  # end row of each expert's group
-        rows = x.index_select(0, order // k)  # (T·k, H)
-        gate, up = torch._grouped_mm(rows, self.gate_up_proj.transpose(1, 2), offs=offs).chunk(2, dim=-1)
-        y = torch._grouped_mm(kernels.act_mul(self.act, gate, up), self.down_proj.transpose(1, 2), offs=offs)
-        return kernels.moe_combine(y, order, w)
-
 
 class SparseMoE(nn.Module):
+    """Each token through the top-k of X experts by router probability (a softmax over all X, in fp32); the
+    k outputs are summed weighted by those probabilities, not renormalised (unlike Mixtral)."""
+
     def __init__(self, cfg: JambaConfig):
         super().__init__()
         self.top_k = cfg.num_experts_per_tok
-        self.router = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
+        self.router = Linear(cfg.hidden_size, cfg.num_experts, bias=False)
         self.experts = Experts(cfg)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, h = x.shape
-        xt = x.reshape(-1, h)  # (B·T, H)
-        ex = self.experts
-        fast = xt.shape[0] <= 8 and type(self.router) is nn.Linear and type(ex) is Experts and ex.act is F.silu
-        ops = kernels.on_cuda(xt) if fast else None
-        if ops is not None:  # up to batch 8 GEMVs beat grouped GEMM (benchmarks/bench_kernels.py)
-            # routing (softmax, top-k) happens inside the expert kernels, from the router's logits
-            i = ex.down_proj.shape[-1]
-            return ops.gemv.swiglu_mlp(xt, ex.gate_up_proj[:, :i], ex.gate_up_proj[:, i:], ex.down_proj,
-                                       ops.gemv.router_logits(xt, self.router.weight), self.top_k).view(b, t, h)
-        probs = F.softmax(self.router(xt), dim=-1, dtype=torch.float32)  # over all X experts
-        w, idx = torch.topk(probs, self.top_k, dim=-1)  # (B·T, k); not renormalised, unlike Mixtral
-        return self.experts(xt, idx, w.to(x.dtype)).view(b, t, h)
+        return kernels.moe(x.reshape(-1, h), self.router, self.experts, self.top_k).view(b, t, h)
 
 
 class DecoderLayer(nn.Module):
     """Pre-norm block: (attention or Mamba) then (MoE or dense MLP), each with a residual.
 
     A layer hands its feed-forward output on un-added: the next layer adds it to the residual stream and
-    normalises in one kernel (`RMSNorm.add_norm`), which saves a launch per block in a decode step.
+    normalises in one pass (`RMSNorm.add_norm`), which saves a kernel per block in a decode step.
     """
 
     def __init__(self, cfg: JambaConfig, i: int):
@@ -312,14 +214,10 @@ class DecoderLayer(nn.Module):
         self.pre_ff_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, h: torch.Tensor, pending: torch.Tensor | None, cache: AttnCache | MambaCache | None,
-                offset: int, attn_mask: torch.Tensor | None, pad_mask: torch.Tensor | None,
-                key_mask: torch.Tensor | None = None, pos: torch.Tensor | None = None):
+                at: Span) -> tuple[torch.Tensor, torch.Tensor]:
         """(h, pending) -> (h', pending'): the residual stream is h + pending before and h' + pending' after."""
         h, x = self.input_layernorm.add_norm(h, pending)
-        if self.is_attn:
-            x = self.self_attn(x, cache, offset, attn_mask, key_mask, pos)
-        else:
-            x = self.mamba(x, cache, offset, pad_mask)
+        x = self.self_attn(x, cache, at) if self.is_attn else self.mamba(x, cache, at)
         h, x = self.pre_ff_layernorm.add_norm(h, x)
         return h, self.feed_forward(x)
 
@@ -337,9 +235,10 @@ class JambaForCausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = JambaModel(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        self.kernel_options: kernels.KernelOptions | None = None  # None: the active ones (kernels.using)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -359,56 +258,39 @@ class JambaForCausalLM(nn.Module):
         With a cache, the tokens continue the sequences it holds and are appended to it.
         `attention_mask` (B, T) marks real tokens with 1 and padding with 0; pad on the left.
         """
+        logits = self.compute(input_ids, cache, attention_mask, last_only)
+        if cache is not None:
+            cache.advance(input_ids.shape[1])
+        return logits
+
+    def compute(self, input_ids: torch.Tensor, cache: HybridCache | None = None,
+                attention_mask: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
+        """`forward` without moving the cache's position: the tokens' state is written at the position the
+        cache holds, and the caller then calls `cache.advance(T)`. A CUDA graph captures this, so that each
+        replay runs at the position the cache says."""
+        if self.kernel_options is None:
+            return self._compute(input_ids, cache, attention_mask, last_only)
+        with kernels.using(self.kernel_options):
+            return self._compute(input_ids, cache, attention_mask, last_only)
+
+    def _compute(self, input_ids, cache, attention_mask, last_only):
         t = input_ids.shape[1]
         caller_device = input_ids.device
         input_ids = _on(input_ids, self.device)  # the logits go back to where the ids came from
-        offset = cache.offset if cache is not None else 0
         pad_mask = None
         if attention_mask is not None and not bool(attention_mask.all()):
-            pad_mask = attention_mask.bool()
-        key_mask, pos = pad_mask, None
-        if cache is not None:
-            cache.reserve(t)
-            cache.record_padding(pad_mask, t)
-            pos = cache.pos
-            key_mask = cache.key_mask if pos is not None else \
-                None if cache.key_mask is None else cache.key_mask[:, :offset + t]
-        attn_mask = None if t == 1 else _attention_mask(t, offset, key_mask, input_ids.device)
+            pad_mask = attention_mask.bool().to(self.device)
+        at = cache.span(t, pad_mask) if cache is not None else Span(0, t, pad_mask, pad_mask)
         h, pending = self.model.embed_tokens(input_ids), None  # (B, T, H); no position embedding
         for i, layer in enumerate(self.model.layers):
             dev = layer.input_layernorm.weight.device  # a model split over devices
-            h, pending = _on(h, dev), _on(pending, dev)
-            lc = cache.layers[i] if cache is not None else None
-            h, pending = layer(h, pending, lc, offset, _on(attn_mask, dev), _on(pad_mask, dev), _on(key_mask, dev),
-                               _on(pos, dev))
-        if cache is not None:
-            cache.offset += t
-            if pos is not None:
-                pos.add_(t)  # on the device, so a replayed CUDA graph advances it too
+            h, pending = layer(_on(h, dev), _on(pending, dev), cache.layers[i] if cache is not None else None,
+                               at.to(dev))
         if last_only:
             h, pending = h[:, -1:], pending[:, -1:]
         dev = self.model.final_layernorm.weight.device
         h = self.model.final_layernorm.add_norm(_on(h, dev), _on(pending, dev))[1]
-        return _on(_linear(self.lm_head, _on(h, self.lm_head.weight.device)), caller_device)
-
-
-def _attention_mask(t: int, offset: int, key_mask: torch.Tensor | None, device) -> torch.Tensor | None:
-    """Boolean (B, 1, T, S) mask for a padded batch, or None: plain causal attention needs none."""
-    if key_mask is None:
-        return None
-    key_mask = key_mask[:, :offset + t]
-    s = offset + t
-    q_pos = torch.arange(offset, s, device=device)[:, None]
-    k_pos = torch.arange(s, device=device)[None, :]
-    # a padding query attends to itself alone, so its row is never empty (no NaN)
-    allowed = (k_pos <= q_pos) & (key_mask.to(device)[:, None, :] | (k_pos == q_pos))  # (B, T, S)
-    return allowed.unsqueeze(1)
-
-
-def _linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    # one token on CUDA may take our GEMV (kernels.GEMV_LINEARS); quantized layers never do
-    ops = kernels.gemv_ops(x, layer.weight) if type(layer) is nn.Linear and layer.bias is None else None
-    return layer(x) if ops is None else ops.gemv.gemv(x, layer.weight)
+        return _on(self.lm_head(_on(h, self.lm_head.weight.device)), caller_device)
 
 
 def _on(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:

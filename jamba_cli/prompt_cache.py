@@ -99,9 +99,7 @@ def _fill(path: Path, cache: HybridCache, tensors: dict[str, torch.Tensor], n: i
                 layer.ssm.copy_(tensors[f"{i}.ssm"])
     except (KeyError, RuntimeError):
         raise PromptCacheError(f"prompt cache {path} is corrupt") from None
-    cache.offset = n
-    if cache.pos is not None:  # a static cache keeps its position on the device too
-        cache.pos.fill_(n)
+    cache.seek(n)
 
 
 def load(path: Path, model: JambaForCausalLM, cache: HybridCache) -> list[int]:

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError, DependencyError
-from .model import Experts, JambaForCausalLM
+from .model import Experts, JambaForCausalLM, Linear
 
 DEFAULT_SKIP = ("mamba", "router", "lm_head")
 DIRECT_WEIGHTS = ("mamba.in_proj", "mamba.dt_proj")  # read as tensors by MambaMixer, so never swapped
@@ -80,7 +80,7 @@ def targets(model: JambaForCausalLM, qc: QuantConfig) -> dict[str, list[str]]:
             continue
         if isinstance(module, Experts):
             out[name] = [f"{name}.gate_up_proj", f"{name}.down_proj"]
-        elif type(module) is nn.Linear:
+        elif isinstance(module, Linear):
             out[name] = [f"{name}.weight"]
     return out
 
@@ -117,20 +117,16 @@ def swap(model: JambaForCausalLM, names: list[str], qc: QuantConfig, compute_dty
     return weights
 
 
-class QuantExperts(Experts):
-    """Experts with one quantized linear per expert and projection in place of the stacked parameters.
-
-    Always the per-expert loop: the fused CUDA paths of `Experts` read the stacked weights."""
+class QuantExperts(nn.Module):
+    """Experts with one quantized linear per expert and projection in place of the stacked weights. It has
+    no `weight_format`: the kernels run it expert by expert through `expert`, never the fused paths."""
 
     def __init__(self, experts: Experts, linear):
-        nn.Module.__init__(self)  # not Experts.__init__: there are no stacked parameters to allocate
+        super().__init__()
         x, two_i, h = experts.gate_up_proj.shape
         self.act = experts.act
         self.gate_up = nn.ModuleList(linear(h, two_i) for _ in range(x))  # rows [0:I] gate, [I:2I] up
         self.down = nn.ModuleList(linear(two_i // 2, h) for _ in range(x))
-
-    def forward(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return self.per_expert(x, idx, w)
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up[e](x).chunk(2, dim=-1)

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -15,6 +13,12 @@ import torch
 
 # The tiny models run fastest on one thread, and far faster than on two when the CPU is shared.
 torch.set_num_threads(1)
+
+# Where the Triton kernel tests run: compiled on a GPU, else on the CPU in Triton's interpreter, which must
+# be chosen before anything imports Triton (conftest.py is imported before every test module).
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # Relative tolerance of the numeric comparisons, by the lower precision of the two tensors compared: float
 # noise (another summation order, another CPU's vector width) stays far inside these, a wrong formula
@@ -208,13 +212,3 @@ def fitted_lm(tmp_path_factory, tokenizer_dir) -> tuple[Path, torch.Tensor]:
     """(checkpoint, held-out ids (2, 256)) of `build_fitted_lm`."""
     directory = tmp_path_factory.mktemp("fitted")
     return directory, build_fitted_lm(directory, tokenizer_dir)
-
-
-def interpret(*argv: str) -> str:
-    """Run `python *argv` (e.g. "-c", code) fresh under Triton's CPU interpreter, which must be chosen before
-    Triton compiles anything; its stdout, or the failure's stderr. Skips where Triton is missing."""
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    r = subprocess.run([sys.executable, *argv], capture_output=True, text=True, env=env, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return r.stdout.strip()

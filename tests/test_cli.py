@@ -330,13 +330,20 @@ def test_interrupt_guard_stops_first_then_raises():
     assert signal.getsignal(signal.SIGINT) is previous
 
 
-def test_kernels_choice_reaches_the_dispatcher(jamba, monkeypatch):
-    from jamba_cli import kernels
+def test_kernels_choice_reaches_the_model(jamba, monkeypatch):
+    from jamba_cli import loader
 
-    chosen = []
-    monkeypatch.setattr(kernels, "use", chosen.append)
+    loaded = []
+    real_load = loader.load
+
+    def spy(*args, **kwargs):  # the real loader; we only keep what it returned
+        model, tokenizer = real_load(*args, **kwargs)
+        loaded.append(model)
+        return model, tokenizer
+
+    monkeypatch.setattr(loader, "load", spy)
     assert jamba("run", "--raw", "-n", "2", "--kernels", "torch", "Hi").exit_code == 0
     assert jamba("run", "--raw", "-n", "2", "Hi").exit_code == 0
-    assert chosen == ["torch", "auto"]
+    assert [m.kernel_options.backend for m in loaded] == ["torch", "auto"]
     bad = jamba("run", "--kernels", "cuda", "Hi")
     assert bad.exit_code == 2 and "--kernels" in bad.output

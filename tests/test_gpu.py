@@ -1,12 +1,15 @@
 """GPU fast path against the plain path (run on a CUDA machine; skipped elsewhere).
 
-Kernel path (mamba-ssm, causal-conv1d, our Triton kernels, grouped GEMMs) vs the PyTorch path on the
-same weights; chunked prefill and decode vs one whole-prompt pass on the kernel path; CUDA-graph decode
-vs eager decode; and the kernel path against transformers' JambaForCausalLM on the GPU. The exactness
-checks run in fp32 (all kernels support it), so a mistake cannot hide in bf16 rounding.
+Kernel path (our Triton kernels, grouped GEMMs, and mamba-ssm / causal-conv1d where installed) vs the
+PyTorch path on the same weights; our kernels vs mamba-ssm's and causal-conv1d's; chunked prefill and
+decode vs one whole-prompt pass on the kernel path; CUDA-graph decode vs eager decode; and the kernel
+path against transformers' JambaForCausalLM on the GPU. The exactness checks run in fp32 (all kernels
+support it), so a mistake cannot hide in bf16 rounding. Errors are relative to the norm of the reference
+(`assert_close(..., norm=True)`): bf16 roundings differ element by element between paths.
 """
 
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
@@ -14,16 +17,22 @@ import torch
 from jamba_cli import kernels
 from jamba_cli.cache import make_cache
 from jamba_cli.generation import CUDAGraphDecoder, generate_step
+from jamba_cli.kernels import KernelOptions, reference
 from jamba_cli.loader import load
-from conftest import CONFIGS, make_hf_model, save_checkpoint
+from conftest import CONFIGS, assert_close, make_hf_model, save_checkpoint
 
 pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available() or kernels.cuda_ops() is None,
-                                 reason="needs CUDA with mamba-ssm, causal-conv1d and triton")]
+              pytest.mark.skipif(not torch.cuda.is_available() or not kernels.available()["triton"],
+                                 reason="needs CUDA and triton")]
+TORCH = KernelOptions(backend="torch")
+COMPILED = KernelOptions(scan="mamba_ssm", conv="causal_conv1d", step="mamba_ssm")  # where installed
+OURS = KernelOptions(scan="triton", conv="triton", step="triton")
+needs_compiled = pytest.mark.skipif(not (kernels.available()["mamba_ssm"] and kernels.available()["causal_conv1d"]),
+                                    reason="needs mamba-ssm and causal-conv1d")
 
 
-def _rel(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+def _close(got, want, tol, msg=""):
+    assert_close(got, want, tol, norm=True, msg=msg)
 
 
 @pytest.fixture(scope="module")
@@ -43,26 +52,21 @@ def bf16(gpu_ckpt):
     return load(gpu_ckpt[0], dtype="bf16", device="cuda")[0]
 
 
-@pytest.fixture
-def torch_kernels():
-    kernels.use("torch")
-    yield
-    kernels.use("auto")
-
-
 def _ids(b, t, seed):
     return torch.randint(3, 300, (b, t), generator=torch.Generator().manual_seed(seed)).cuda()
 
 
+@pytest.mark.parametrize("options", [OURS, COMPILED], ids=["ours", "compiled"])
 @pytest.mark.parametrize("dtype, tol", [("fp32", 2e-3), ("bf16", 3e-2)])
-def test_kernel_path_equals_torch_path(fp32, bf16, torch_kernels, dtype, tol):
+def test_kernel_path_equals_torch_path(fp32, bf16, dtype, tol, options):
     model = fp32 if dtype == "fp32" else bf16
     ids = _ids(2, 300, 0)  # 600 (token, slot) pairs: the grouped-GEMM experts in bf16
     with torch.no_grad():
-        plain = model(ids)
-        kernels.use("auto")
-        fast = model(ids)
-    assert _rel(fast, plain) < tol
+        with kernels.using(TORCH):
+            plain = model(ids)
+        with kernels.using(options):
+            fast = model(ids)
+    _close(fast, plain, tol)
 
 
 @pytest.mark.parametrize("cuts", [(100, 250), (1, 2), (7, 300), (2, 3)])
@@ -73,7 +77,7 @@ def test_chunked_prompt_equals_whole_on_kernel_path(fp32, cuts):
         whole = fp32(ids)
         cache = make_cache(fp32.config, 2, dtype=torch.float32, device="cuda")
         parts = torch.cat([fp32(ids[:, :a], cache), fp32(ids[:, a:b], cache), fp32(ids[:, b:], cache)], 1)
-    assert _rel(parts, whole) < 1e-4
+    _close(parts, whole, 1e-4)
 
 
 def test_long_prompt_on_the_triton_kernels(fp32):
@@ -83,43 +87,40 @@ def test_long_prompt_on_the_triton_kernels(fp32):
         whole = fp32(ids)
         cache = make_cache(fp32.config, 1, dtype=torch.float32, device="cuda")
         parts = torch.cat([fp32(ids[:, a:a + 3000], cache) for a in (0, 3000, 6000)], 1)
-        kernels.use("torch")
-        try:
+        with kernels.using(TORCH):
             plain = fp32(ids)
-        finally:
-            kernels.use("auto")
-    assert _rel(parts, whole) < 1e-4
-    assert _rel(whole, plain) < 2e-3
+    _close(parts, whole, 1e-4)
+    _close(whole, plain, 2e-3)
 
 
-@pytest.mark.parametrize("batch, gemv_linears", [(2, False), (1, False), (1, True)])
-def test_decode_equals_whole_prompt_on_kernel_path(fp32, batch, gemv_linears, monkeypatch):
-    # batch 1 takes the one-token kernels (fused dense MLP, optionally our GEMV for every linear)
-    monkeypatch.setattr(kernels, "GEMV_LINEARS", gemv_linears)
+@pytest.mark.parametrize("batch, options", [(2, KernelOptions(gemv_linears=False)), (2, OURS), (2, COMPILED),
+                                           (1, KernelOptions(gemv_linears=False)), (1, KernelOptions())])
+def test_decode_equals_whole_prompt_on_kernel_path(fp32, batch, options):
+    # batch 1 takes the one-token kernels (fused dense MLP, optionally our GEMV for every linear); batch 2
+    # our fused Mamba step or mamba-ssm's
     ids = _ids(batch, 40, 1)
-    with torch.no_grad():
+    with torch.no_grad(), kernels.using(options):
         whole = fp32(ids)
         cache = make_cache(fp32.config, batch, dtype=torch.float32, device="cuda")
         steps = [fp32(ids[:, :20], cache)] + [fp32(ids[:, t:t + 1], cache) for t in range(20, 40)]
-    assert _rel(torch.cat(steps, 1), whole) < 1e-4
+    _close(torch.cat(steps, 1), whole, 1e-4)
 
 
 @pytest.mark.parametrize("batch, pdl", [(2, False), (1, False), (1, True)])
-def test_graph_decode_equals_eager_decode(bf16, batch, pdl, monkeypatch):
+def test_graph_decode_equals_eager_decode(bf16, batch, pdl):
     # with programmatic dependent launch the kernels overlap their starts, never their arithmetic
-    monkeypatch.setattr(kernels.cuda_ops().triton.PDL, "on", pdl)
     ids = _ids(batch, 50, 3)
     with torch.no_grad():
         caches = [make_cache(bf16.config, batch, dtype=torch.bfloat16, device="cuda", capacity=64, static=True)
                   for _ in range(2)]
         for cache in caches:
             bf16(ids[:, :30], cache)
-        step = CUDAGraphDecoder(bf16, caches[1])
+        with kernels.using(KernelOptions(pdl=pdl)):  # the graph keeps the launches it was captured with
+            step = CUDAGraphDecoder(bf16, caches[1])
         for t in range(30, 50):
             got = step(ids[:, t])
-            kernels.cuda_ops().triton.PDL.on = False
-            want = bf16(ids[:, t:t + 1], caches[0])[:, -1]
-            kernels.cuda_ops().triton.PDL.on = pdl
+            with kernels.using(KernelOptions(pdl=False)):
+                want = bf16(ids[:, t:t + 1], caches[0])[:, -1]
             assert torch.equal(got, want), t
     assert caches[1].offset == caches[0].offset == 50 and caches[1].pos.item() == 50
 
@@ -132,25 +133,22 @@ def test_greedy_generation_with_graphs_matches_without(bf16):
 
 
 def test_moe_kernels_agree(bf16):
+    from jamba_cli.kernels.triton import gemv
+
     experts = bf16.model.layers[1].feed_forward.experts
     g = torch.Generator(device="cuda").manual_seed(5)
-    ops = kernels.cuda_ops()
     for t in (1, 3, 8, 40):
         x = torch.randn(t, bf16.config.hidden_size, device="cuda", generator=g).bfloat16()
         logits = torch.randn(t, 4, device="cuda", generator=g).bfloat16().float()
         w, idx = logits.softmax(-1).topk(2)
         w = w.bfloat16()
-        kernels.use("torch")
-        try:
-            loop = experts(x, idx, w)
-        finally:
-            kernels.use("auto")
-        assert _rel(experts._grouped(x, idx, w), loop) < 1e-2
+        loop = reference.experts_loop(x, idx, w, experts.expert)
+        _close(kernels.grouped_experts(x, idx, w, experts.gate_up_proj, experts.down_proj), loop, 1e-2)
         if t <= 8:  # the decode kernels, routing from the logits themselves
             i = experts.down_proj.shape[-1]
-            fused = ops.gemv.swiglu_mlp(x, experts.gate_up_proj[:, :i], experts.gate_up_proj[:, i:],
-                                        experts.down_proj, logits, 2)
-            assert _rel(fused, loop) < 1e-2
+            fused = gemv.swiglu_mlp(x, experts.gate_up_proj[:, :i], experts.gate_up_proj[:, i:],
+                                    experts.down_proj, logits, 2)
+            _close(fused, loop, 1e-2)
 
 
 def test_kernel_path_close_to_transformers_on_gpu(gpu_ckpt, bf16, fp32):
@@ -160,13 +158,15 @@ def test_kernel_path_close_to_transformers_on_gpu(gpu_ckpt, bf16, fp32):
         want32 = copy.deepcopy(reference).to("cuda")(ids).logits
         want16 = copy.deepcopy(reference).to("cuda", torch.bfloat16)(ids).logits
         got32, got16 = fp32(ids), bf16(ids)
-    assert _rel(got32, want32) < 2e-3
-    assert _rel(got16, want32) < 1.5 * _rel(want16, want32) + 1e-2
+    _close(got32, want32, 2e-3)
+    hf_bf16_error = ((want16.float() - want32).norm() / want32.norm()).item()
+    _close(got16, want32, 1.5 * hf_bf16_error + 1e-2)
 
 
 def test_decode_kernels_at_tile_multiples():
     # model sizes that fill whole tiles take the kernels' unmasked (EVEN_K) paths, which tiny models miss
-    ops = kernels.cuda_ops()
+    from jamba_cli.kernels.triton import gemv, ops
+
     g = torch.Generator(device="cuda").manual_seed(7)
     h, i, x_n = 2048, 3072, 8
 
@@ -174,18 +174,18 @@ def test_decode_kernels_at_tile_multiples():
         return (torch.randn(*shape, device="cuda", generator=g) * 0.05).bfloat16()
 
     x, gate, up, down = randn(1, h), randn(i, h), randn(i, h), randn(h, i)
-    want = torch.nn.functional.linear(ops.triton.silu_mul(x @ gate.T, x @ up.T), down)
-    assert _rel(ops.gemv.swiglu_mlp(x, gate, up, down), want) < 1e-2
+    want = torch.nn.functional.linear(ops.silu_mul(x @ gate.T, x @ up.T), down)
+    _close(gemv.swiglu_mlp(x, gate, up, down), want, 1e-2)
     gu, dn = randn(x_n, 2 * i, h), randn(x_n, h, i)
     logits = torch.randn(1, x_n, device="cuda", generator=g).bfloat16().float()
     w, idx = logits.softmax(-1).topk(2)
     want = sum(w[0, j] * torch.nn.functional.linear(
-        ops.triton.silu_mul(x @ gu[idx[0, j], :i].T, x @ gu[idx[0, j], i:].T), dn[idx[0, j]]) for j in range(2))
-    got = ops.gemv.swiglu_mlp(x, gu[:, :i], gu[:, i:], dn, logits, 2)
-    assert _rel(got, want) < 1e-2
+        ops.silu_mul(x @ gu[idx[0, j], :i].T, x @ gu[idx[0, j], i:].T), dn[idx[0, j]]) for j in range(2))
+    got = gemv.swiglu_mlp(x, gu[:, :i], gu[:, i:], dn, logits, 2)
+    _close(got, want, 1e-2)
     for n, k in ((4096, 8192), (1024, 4096), (300, 2048)):
         wt, xv = randn(n, k), randn(1, k)
-        assert _rel(ops.gemv.gemv(xv, wt, (8, 1024, 4, 3)), xv @ wt.T) < 1e-2
+        _close(gemv.gemv(xv, wt, (8, 1024, 4, 3)), xv @ wt.T, 1e-2)
 
 
 @pytest.mark.parametrize("t, offset", [(5000, 0), (700, 3000), (3, 90)])
@@ -194,7 +194,8 @@ def test_prefill_attention_matches_sdpa(t, offset):
     # the same inputs, fp32 exactly against the math path
     from torch.nn.attention.bias import causal_lower_right
 
-    ops = kernels.cuda_ops()
+    from jamba_cli.kernels.triton import attention
+
     g = torch.Generator(device="cuda").manual_seed(9)
     s = offset + t
     for dtype, tol in ((torch.bfloat16, 2e-2), (torch.float32, 1e-5)):
@@ -204,8 +205,8 @@ def test_prefill_attention_matches_sdpa(t, offset):
         ref = torch.nn.functional.scaled_dot_product_attention(
             q.double(), k.double().repeat_interleave(4, 1), v.double().repeat_interleave(4, 1),
             attn_mask=mask, is_causal=mask is None)
-        got = ops.attention.prefill_attention(q, k, v, offset).transpose(1, 2)
-        assert _rel(got, ref) < tol, dtype
+        got = attention.prefill_attention(q, k, v, offset).transpose(1, 2)
+        _close(got, ref, tol, str(dtype))
 
 
 def test_chat_replies_replay_one_graph_and_equal_eager_replies():
@@ -239,3 +240,64 @@ def test_chat_replies_replay_one_graph_and_equal_eager_replies():
     assert len(set(replies[True])) > 1 and all(replies[True])
     assert decoders[0] is not None and decoders[0] is decoders[1]  # captured once, replayed every turn
     assert decoders[2] is decoders[3] is None  # the growing cache decodes eagerly
+
+
+@needs_compiled
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_our_mamba_kernels_equal_mamba_ssm_and_causal_conv1d(dtype):
+    # Jamba-Mini's channels (E = 8192, N = 16, K = 4) on a prompt that is no multiple of any tile: our conv,
+    # scan and decode step against the compiled kernels they replace, from a start state and without
+    from jamba_cli.kernels import compiled
+    from jamba_cli.kernels.triton import mamba, scan
+
+    g = torch.Generator(device="cuda").manual_seed(11)
+    b, e, n, k, t = 2, 8192, 16, 4, 1037
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, device="cuda", generator=g) * scale).to(dtype)
+
+    tol = 1e-4 if dtype == torch.float32 else 1e-2
+    xz = randn(b, 2 * e, t)
+    w, bias = randn(e, k, scale=0.5), randn(e, scale=0.1)
+    for resume in (False, True):
+        s1 = randn(b, e, k - 1)
+        s2 = s1.clone()
+        _close(mamba.causal_conv1d(xz[:, :e], w, bias, s1, "silu", resume), compiled.causal_conv1d(
+            xz[:, :e], w, bias, s2, "silu", resume), tol, "conv")
+        assert torch.equal(s1, s2)
+    u, z = xz[:, :e] * 0.5, xz[:, e:]
+    delta, A = randn(b, e, t, scale=0.5), -torch.exp(torch.randn(e, n, device="cuda", generator=g))
+    Bm, Cm, D = randn(b, n, t), randn(b, n, t), randn(e)
+    dt_bias = randn(e, scale=0.5) - 2
+    for resume in (False, True):
+        h1 = torch.randn(b, e, n, device="cuda", generator=g)
+        h2 = h1.clone()
+        _close(scan.selective_scan(u, delta, A, Bm, Cm, D, z, dt_bias, h1, resume),
+               compiled.selective_scan(u, delta, A, Bm, Cm, D, z, dt_bias, h2, resume), tol, "scan")
+        _close(h1, h2, 1e-4, "scan state")
+    r = 256
+    x_proj, dt_proj = randn(r + 2 * n, e, scale=0.02), randn(e, r, scale=0.05)
+    norms = [1 + randn(m, scale=0.1) for m in (r, n, n)]
+    conv1, ssm1 = randn(b, e, k - 1), torch.randn(b, e, n, device="cuda", generator=g)
+    conv2, ssm2 = conv1.clone(), ssm1.clone()
+    xz1 = randn(b, 2 * e)
+    ours = mamba.mamba_step(xz1, conv1, w, bias, x_proj, *norms, 1e-6, dt_proj, dt_bias, A, D, ssm1)
+    theirs = reference.mamba_step(xz1, conv2, w, bias, x_proj, *norms, 1e-6, dt_proj, dt_bias, A, D, ssm2,
+                                  norm=kernels.rms_norm, conv_update=compiled.causal_conv1d_update,
+                                  state_update=compiled.selective_state_update)
+    _close(ours, theirs, tol, "step")
+    _close(ssm1, ssm2, 1e-4 if dtype == torch.float32 else 1e-3, "step state")
+    assert torch.equal(conv1, conv2)
+
+
+def test_model_without_the_compiled_kernels_equals_with_them(bf16):
+    # what `pip install jamba-cli` runs on a GPU box without the [kernels] extra: our kernels everywhere
+    ids = _ids(2, 60, 12)
+
+    def run(options):
+        with torch.no_grad(), kernels.using(options):
+            cache = make_cache(bf16.config, 2, dtype=torch.bfloat16, device="cuda")
+            out = [bf16(ids[:, :40], cache)] + [bf16(ids[:, t:t + 1], cache) for t in range(40, 60)]
+        return torch.cat(out, 1)
+
+    _close(run(OURS), run(COMPILED), 1e-2)

@@ -1,9 +1,11 @@
-"""The chunked torch scan and conv against a plain step-by-step recurrence."""
+"""The PyTorch reference paths (kernels/reference.py, what the CPU runs): the chunked scan and the conv
+against a plain step-by-step recurrence in float64."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import assert_close
 from jamba_cli import kernels
 
 
@@ -32,14 +34,14 @@ def test_scan_matches_sequential_recurrence(t):
     want, want_h = naive_scan(u, delta, A, Bm, Cm, D, z, bias, h0)
     state = h0.clone()
     got = kernels.selective_scan(u, delta, A, Bm, Cm, D, z, bias, state)
-    assert (got.double() - want).abs().max() < 1e-4
-    assert (state.double() - want_h).abs().max() < 1e-4
+    assert_close(got, want, 1e-4)
+    assert_close(state, want_h, 1e-4)
 
 
 def test_scan_without_state_starts_from_zero():
     u, delta, A, Bm, Cm, D, z, bias, _ = _inputs(1, 4, 3, 50, seed=0)
     want, _ = naive_scan(u, delta, A, Bm, Cm, D, z, bias, torch.zeros(1, 4, 3))
-    assert (kernels.selective_scan(u, delta, A, Bm, Cm, D, z, bias, None).double() - want).abs().max() < 1e-4
+    assert_close(kernels.selective_scan(u, delta, A, Bm, Cm, D, z, bias, None), want, 1e-4)
 
 
 def test_state_update_equals_one_scan_step():
@@ -47,7 +49,8 @@ def test_state_update_equals_one_scan_step():
     s1, s2 = h0.clone(), h0.clone()
     a = kernels.selective_scan(u, delta, A, Bm, Cm, D, z, bias, s1)[..., 0]
     b = kernels.selective_state_update(s2, u[..., 0], delta[..., 0], A, Bm[..., 0], Cm[..., 0], D, z[..., 0], bias)
-    assert torch.allclose(a, b, atol=1e-6) and torch.allclose(s1, s2, atol=1e-6)
+    assert_close(a, b)
+    assert_close(s1, s2)
 
 
 def test_conv_continues_from_state():
@@ -55,11 +58,11 @@ def test_conv_continues_from_state():
     x, w, bias = torch.randn(2, 5, 20, generator=g), torch.randn(5, 4, generator=g), torch.randn(5, generator=g)
     whole = kernels.causal_conv1d(x, w, bias, None, "silu")
     ref = F.silu(F.conv1d(x, w[:, None], bias, padding=3, groups=5)[..., :20])
-    assert torch.allclose(whole, ref, atol=1e-6)
+    assert_close(whole, ref)
     state = torch.zeros(2, 5, 3)
     parts = torch.cat([kernels.causal_conv1d(x[..., a:b], w, bias, state, "silu")
                        for a, b in [(0, 2), (2, 3), (3, 11), (11, 20)]], dim=-1)
-    assert torch.allclose(parts, whole, atol=1e-6)
+    assert_close(parts, whole)
     assert torch.equal(state, x[..., -3:])
 
 
@@ -71,4 +74,4 @@ def test_scan_gradients_match_sequential_recurrence():
     want_y, _ = naive_scan(*inputs, torch.zeros(2, 6, 5))
     want = torch.autograd.grad((want_y * weight.double()).sum(), inputs)
     for g, w in zip(got, want):
-        assert (g - w).abs().max() < 1e-3 * (1 + w.abs().max())
+        assert_close(g, w, 1e-3)

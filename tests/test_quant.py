@@ -12,6 +12,7 @@ from torch import nn
 
 from jamba_cli.errors import ConfigError, DependencyError
 from jamba_cli.loader import load
+from jamba_cli.model import Linear
 from jamba_cli.quant import QuantExperts, footprint
 
 IDS = torch.randint(3, 300, (2, 24), generator=torch.Generator().manual_seed(4))
@@ -55,12 +56,12 @@ def test_mamba_router_and_lm_head_stay_full_precision(checkpoints, name, bits):
     for i, layer in enumerate(model.model.layers):
         if not layer.is_attn:
             assert not any(isinstance(m, QUANTIZED) for m in layer.mamba.modules())
-            assert type(layer.mamba.in_proj) is nn.Linear and layer.mamba.in_proj.weight.dtype == torch.float32
+            assert type(layer.mamba.in_proj) is Linear and layer.mamba.in_proj.weight.dtype == torch.float32
         if cfg.is_moe(i):
-            assert type(layer.feed_forward.router) is nn.Linear
+            assert type(layer.feed_forward.router) is Linear
             assert isinstance(layer.feed_forward.experts, QuantExperts)
             assert not any(name.endswith("_proj") for name, _ in layer.feed_forward.experts.named_parameters())
-    assert type(model.lm_head) is nn.Linear and model.lm_head.weight.dtype == torch.float32
+    assert type(model.lm_head) is Linear and model.lm_head.weight.dtype == torch.float32
     kind = bnb.nn.Linear8bitLt if bits == 8 else bnb.nn.Linear4bit
     q_proj = next(layer for layer in model.model.layers if layer.is_attn).self_attn.q_proj
     assert type(q_proj) is kind
@@ -76,8 +77,8 @@ def test_skip_list_is_overridable(checkpoints):
     model, _ = load(directory, dtype="fp32", load_in_8bit=True, int8_skip="lm_head")
     assert quantized_names(model) == expected_names(model.config, with_mamba=True)
     for name in ("in_proj", "dt_proj"):  # their weights are read directly, so they are never swapped
-        assert type(getattr(model.model.layers[1].mamba, name)) is nn.Linear
-    assert type(model.lm_head) is nn.Linear
+        assert type(getattr(model.model.layers[1].mamba, name)) is Linear
+    assert type(model.lm_head) is Linear
     with torch.no_grad():
         assert torch.isfinite(model(IDS)).all()
 

@@ -212,8 +212,6 @@ def train(args) -> int:
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
     amp = device.type == "cuda"
-    if amp:
-        kernels._BLOCK_ELEMS = 1 << 30  # the scan's memory cap is for long prompts; one block per window here
     text = args.corpus.read_text()
     train_text, val_text = corpus.split_corpus(text, args.val_fraction)
     tok = corpus.train_tokenizer(train_text, args.vocab_size)
@@ -225,6 +223,8 @@ def train(args) -> int:
 
     cfg = make_config(args.size, tok.get_vocab_size(), eom, args.seq_len)
     model = JambaForCausalLM(cfg)
+    if amp:  # the reference scan's memory cap is for long prompts; one block per window here
+        model.kernel_options = kernels.KernelOptions(tiles={"reference_scan_block": 1 << 30})
     init_weights(model)
     n_params = sum(p.numel() for p in model.parameters())
     estimate = 2 * n_params + len(tok.to_str().encode()) + 20_000

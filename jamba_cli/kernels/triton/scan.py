@@ -1,8 +1,8 @@
-"""Mamba-1 selective scan for prefill, in Triton (forward only).
+"""Mamba-1 selective scan over a prompt, in Triton (forward only).
 
-Same math as `kernels.selective_scan`'s PyTorch path, all in fp32: Δ = softplus(delta + bias);
+Same math and contract as `reference.selective_scan`, all in fp32: Δ = softplus(delta + bias);
 h_t = exp(Δ_t A) h_{t-1} + Δ_t u_t B_t; y_t = C_t·h_t + D u_t; y_t *= silu(z_t); y cast to u's dtype.
-A start state h0 is taken natively (no correction pass) and the last state is returned.
+A start state is taken natively (no correction pass) and the last state is written back into it.
 
 One pass: a program owns BLOCK_E channels × N states and walks all of T in tiles of BLOCK_T tokens, so
 each element costs one exp, the minimum. Tiles are laid out (BLOCK_T, N, BLOCK_E): Triton spreads the
@@ -11,12 +11,15 @@ lane holds one channel's half of the states, and the scan over a tile runs as a 
 (no shuffles); only the sums over N cross the two lanes. Each tile's loads are issued a few tiles ahead
 (software pipelining, `stages`), which is what a program walking T in sequence needs to not wait on memory.
 On a GPU the per-token softplus and silu take the special-function unit's approximate log2 and reciprocal
-(a quarter of the loop's instructions otherwise, by the sm_90 SASS); their errors, ~1e-7, are far below
-the bf16 outputs' rounding.
+(the precise routines are a quarter of the loop's instructions otherwise); their errors, ~1e-7, are far
+below the bf16 outputs' rounding.
 
-What bounds it (ncu on an H200, T = 16K): at batch 1 there are E·N/8 lanes, one warp per scheduler, so
-nothing hides the latency of one instruction behind another warp's; each issue waits ~1 cycle on
-dependent results, and the special-function unit (one exp per element) runs at ~60% of its rate.
+What bounds it: at batch 1 there are only E·N/8 lanes, one warp per scheduler, so nothing hides the
+latency of one instruction behind another warp's (profile notes and timings against mamba-ssm:
+benchmarks/bench_scan.py, results/scan_h200.json).
+
+Also here: `add_initial_state`, the term a start state adds to the output of a scan run from zero (the
+correction mamba-ssm's scan needs, since it takes no start state).
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from ..options import current
 
 
 @triton.jit
@@ -140,10 +145,8 @@ def _scan_kernel(u_ptr, dt_ptr, z_ptr, a_ptr, b_ptr, c_ptr, d_ptr, bias_ptr, h0_
     tl.store(last_ptr + state, tl.trans(h), mask=e_ok[:, None])
 
 
-# benchmarks/bench_scan.py on an H200, E = 8192: T = 16384 1.25 ms (mamba-ssm 2.92 ms; the three-pass
-# chunked scan this replaced 2.36 ms); stages=4 ties (1.24 ms), and with it T = 2048 0.18 ms (0.31 ms),
-# T = 65536 4.9 ms (11.7 ms)
-CONFIG = dict(block_e=16, block_t=16, num_warps=1, stages=3)
+# the fastest of benchmarks/bench_scan.py's sweep at 2K-64K tokens (results/scan_h200.json)
+SCAN_TILE = dict(block_e=16, block_t=16, num_warps=1, stages=3)
 
 
 def _rows(b: int, r: int, t: int, dtype: torch.dtype, device) -> torch.Tensor:
@@ -154,22 +157,21 @@ def _rows(b: int, r: int, t: int, dtype: torch.dtype, device) -> torch.Tensor:
 
 def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, Bm: torch.Tensor, Cm: torch.Tensor,
                    D: torch.Tensor, z: torch.Tensor | None, delta_bias: torch.Tensor | None,
-                   h0: torch.Tensor | None = None, out: torch.Tensor | None = None,
-                   **config) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward selective scan with softplus(Δ + bias), optional silu(z) gate and start state.
+                   state: torch.Tensor | None = None, resume: bool = True, out: torch.Tensor | None = None,
+                   **tile) -> torch.Tensor:
+    """y_t = C_t·h_t + D·u_t, h_t = exp(Δ_t A) h_{t-1} + Δ_t B_t u_t, gated by silu(z) when z is given.
 
     Args:
         u, delta, z: (B, E, T); rows may be strided views (e.g. halves of one (B, 2E, T) tensor).
         A: (E, N) float32, N a power of two. Bm, Cm: (B, N, T), any strides. D, delta_bias: (E,).
-        h0: (B, E, N) or None.
+        state: (B, E, N): h starts from it when `resume` (else from zero) and is left holding the last h.
         out: (B, E, T) for y, any strides, or None for a new tensor.
-        **config: block_e, block_t, num_warps, stages overrides (benchmarks); see CONFIG.
+        **tile: block_e, block_t, num_warps, stages overrides (benchmarks); see SCAN_TILE.
 
     Returns:
-        y (B, E, T) in u's dtype (its rows padded to a multiple of 8 elements), and the last state (B, E, N)
-        float32.
+        y (B, E, T) in u's dtype (a new tensor's rows are padded to a multiple of 8 elements).
     """
-    cfg = {**CONFIG, **config}
+    cfg = {**current().tile("scan", SCAN_TILE), **tile}
     bsz, e, t = u.shape
     n = A.shape[-1]
     dev = u.device
@@ -177,10 +179,12 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, Bm: to
     D = D.float().contiguous()
     bias = torch.zeros(e, device=dev) if delta_bias is None else delta_bias.float().contiguous()
     y = _rows(bsz, e, t, u.dtype, dev) if out is None else out
-    last = torch.empty(bsz, e, n, dtype=torch.float32, device=dev)
-    h0 = None if h0 is None else h0.float().contiguous()
+    h0 = state.float().contiguous() if state is not None and resume else None
+    # each program reads its channels' start state before it writes their last one: in place is safe
+    in_place = state is not None and state.dtype == torch.float32 and state.is_contiguous()
+    last = state if in_place else torch.empty(bsz, e, n, dtype=torch.float32, device=dev)
     # B and C are small (N values per token): fp32 with T contiguous spares the kernel a conversion per
-    # element and lets it read whole rows (a fifth fewer instructions in the loop, by the sm_90 SASS)
+    # element and lets it read whole rows (a fifth fewer instructions in its loop)
     Bm, Cm = _rows(bsz, n, t, torch.float32, dev).copy_(Bm), _rows(bsz, n, t, torch.float32, dev).copy_(Cm)
     zz = u if z is None else z  # a placeholder pointer when there is no gate
     _scan_kernel[(triton.cdiv(e, cfg["block_e"]), bsz)](
@@ -190,4 +194,48 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, Bm: to
         HAS_H0=h0 is not None, HAS_Z=z is not None,
         STAGES=cfg["stages"], FAST=u.is_cuda,  # PTX where there is a GPU: Triton's interpreter runs tl.log
         num_warps=cfg["num_warps"])
-    return y, last
+    if state is not None and not in_place:
+        state.copy_(last)
+    return y
+
+
+@triton.jit
+def _initial_state_kernel(y_ptr, z_ptr, cum_ptr, a_ptr, c_ptr, h0_ptr, out_ptr, E, T,
+                          sy_b, sy_e, sy_t, sz_b, sz_e, sz_t, sc_b, sc_n, sc_t,
+                          N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_T: tl.constexpr):
+    es = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
+    ts = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    b = tl.program_id(2).to(tl.int64)
+    ns = tl.arange(0, N)
+    e_ok, t_ok = es < E, ts < T
+    et_ok = e_ok[:, None] & t_ok[None, :]
+    a = tl.load(a_ptr + es[:, None] * N + ns[None, :], mask=e_ok[:, None], other=0.0)  # (E, N)
+    h0 = tl.load(h0_ptr + b * E * N + es[:, None] * N + ns[None, :], mask=e_ok[:, None], other=0.0)
+    cum = tl.load(cum_ptr + b * E * T + es[:, None] * T + ts[None, :], mask=et_ok, other=0.0)  # (E, T)
+    c = tl.load(c_ptr + b * sc_b + ns[:, None] * sc_n + ts[None, :] * sc_t, mask=t_ok[None, :],
+                other=0.0).to(tl.float32)  # (N, T)
+    decay = tl.exp(a[:, :, None] * cum[:, None, :])  # (E, N, T)
+    corr = tl.sum(decay * (h0[:, :, None] * c[None, :, :]), axis=1)  # (E, T)
+    y = tl.load(y_ptr + b * sy_b + es[:, None] * sy_e + ts[None, :] * sy_t, mask=et_ok, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + b * sz_b + es[:, None] * sz_e + ts[None, :] * sz_t, mask=et_ok, other=0.0).to(tl.float32)
+    out = (y + corr) * (z / (1.0 + tl.exp(-z)))
+    tl.store(out_ptr + b * sy_b + es[:, None] * sy_e + ts[None, :] * sy_t, out.to(out_ptr.dtype.element_ty),
+             mask=et_ok)
+
+
+def add_initial_state(y0: torch.Tensor, z: torch.Tensor, cum: torch.Tensor, A: torch.Tensor, Cm: torch.Tensor,
+                      h0: torch.Tensor) -> torch.Tensor:
+    """(y0 + C_t·(exp(A·cum_t) ⊙ h0)) · silu(z): what a start state h0 adds to an ungated scan output y0.
+
+    y0, z: (B, E, T); cum: (B, E, T) float32 running sum of Δ; A: (E, N) fp32; Cm: (B, N, T); h0: (B, E, N).
+    """
+    b, e, t = y0.shape
+    n = A.shape[-1]
+    y0 = y0.contiguous()
+    out = torch.empty_like(y0)
+    block_e, block_t = 16, 64
+    grid = (triton.cdiv(e, block_e), triton.cdiv(t, block_t), b)
+    _initial_state_kernel[grid](y0, z, cum.contiguous(), A.contiguous(), Cm, h0.float().contiguous(), out, e, t,
+                                *y0.stride(), *z.stride(), *Cm.stride(), N=n, BLOCK_E=block_e, BLOCK_T=block_t,
+                                num_warps=4)
+    return out

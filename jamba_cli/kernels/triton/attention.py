@@ -6,7 +6,7 @@ all A/G query heads of that group, reading each K/V row once; the second merges 
 read inside the kernels and the grid depends only on shapes, so a CUDA graph can capture a step and
 replay it as `pos` advances.
 
-Rounding mirrors `model._decode_attention`: q·k accumulates in fp32 and is rounded to the model dtype,
+Rounding mirrors `reference.decode_attention`: q·k accumulates in fp32 and is rounded to the model dtype,
 scaled by 1/sqrt(Dh) and rounded again; softmax runs in fp32; the probabilities are rounded to the model
 dtype before the product with V, which accumulates in fp32. One difference: a split rounds
 exp(score - its running max) rather than the normalised probability (the normaliser is only known after
@@ -21,13 +21,12 @@ FlashAttention-2. The output is written (B, T, A, Dh), the layout o_proj reads w
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
-from .triton_ops import PDL, pdl_enter
+from ..options import current
+from .launch import pdl, pdl_enter, sm_count
 
 
 @triton.jit
@@ -116,13 +115,9 @@ def _combine_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, D, n_splits,
     tl.store(out_ptr + row * D + ds, (out / total).to(out_ptr.dtype.element_ty), mask=ds < D)
 
 
-# (BLOCK_S, num_warps, num_stages, programs per SM), chosen by benchmarks/bench_attention.py
-CONFIG = (64, 4, 2, 4)
-
-
-@functools.cache
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+# (BLOCK_S, num_warps, num_stages, programs per SM): the fastest in benchmarks/bench_attention.py's sweep
+# (results/attention_h200.json)
+DECODE_TILE = (64, 4, 2, 4)
 
 
 def decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, cache_k: torch.Tensor,
@@ -151,9 +146,9 @@ def decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, 
         raise ValueError("cache_k and cache_v need a contiguous last dim")
     q, k_new, v_new = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k_new, v_new))
     hpg = a // g
-    block_s, warps, stages, per_sm = config or CONFIG
+    block_s, warps, stages, per_sm = config or current().tile("attention_decode", DECODE_TILE)
     if n_splits is None:
-        n_splits = triton.cdiv(per_sm * _sm_count(q.device), b * g)
+        n_splits = triton.cdiv(per_sm * sm_count(q.device), b * g)
     n_splits = max(1, min(n_splits, triton.cdiv(cap, block_s)))
     m = torch.empty(b * a, n_splits, dtype=torch.float32, device=q.device)
     l = torch.empty_like(m)
@@ -162,7 +157,7 @@ def decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, 
         key_mask = key_mask.contiguous()
     mask = key_mask.view(torch.uint8) if key_mask is not None else pos  # pos: an unread placeholder
     block_d = max(16, triton.next_power_of_2(d))
-    pdl = PDL.on and b == 1
+    use_pdl = pdl() and b == 1
     _split_kernel[(b * g, n_splits)](
         q, k_new, v_new, cache_k, cache_v, pos, mask, m, l, acc, g, d, n_splits, d ** -0.5,
         q.stride(0), q.stride(1), k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
@@ -171,11 +166,11 @@ def decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, 
         key_mask.stride(0) if key_mask is not None else 0,
         HPG=hpg, HAS_MASK=key_mask is not None,
         PREC="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 dots exact, as torch's matmul is
-        BLOCK_H=max(16, triton.next_power_of_2(hpg)), BLOCK_S=block_s, BLOCK_D=block_d, USE_PDL=pdl,
-        num_warps=warps, num_stages=stages, launch_pdl=pdl)
+        BLOCK_H=max(16, triton.next_power_of_2(hpg)), BLOCK_S=block_s, BLOCK_D=block_d, USE_PDL=use_pdl,
+        num_warps=warps, num_stages=stages, launch_pdl=use_pdl)
     out = torch.empty(b, a, d, dtype=q.dtype, device=q.device)
     _combine_kernel[(b * a,)](m, l, acc, out, d, n_splits, BLOCK_SPLITS=triton.next_power_of_2(n_splits),
-                              CHUNK=16, BLOCK_D=block_d, USE_PDL=pdl, num_warps=4, launch_pdl=pdl)
+                              CHUNK=16, BLOCK_D=block_d, USE_PDL=use_pdl, num_warps=4, launch_pdl=use_pdl)
     return out
 
 
@@ -236,10 +231,10 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, o_ptr, T, S, OFFSET, A, HPG, qk_scale,
              mask=(rows < T)[:, None])
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) for short and long prompts, chosen by
-# benchmarks/bench_attention.py on an H200: at 16K tokens 4.3 ms (FlashAttention-2 through torch 6.4 ms)
-PREFILL_CONFIGS = {"short": (64, 64, 4, 3), "long": (128, 128, 8, 3), "fp32": (32, 32, 4, 2)}
-PREFILL_LONG = 4096  # queries from which the long config wins
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) for short and long prompts: the fastest in
+# benchmarks/bench_attention.py's sweep (results/attention_prefill_h200.json), long from PREFILL_LONG queries
+PREFILL_TILES = {"short": (64, 64, 4, 3), "long": (128, 128, 8, 3), "fp32": (32, 32, 4, 2)}
+PREFILL_LONG = 4096
 
 
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offset: int = 0,
@@ -261,7 +256,7 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offset:
         raise ValueError(f"prefill_attention: {a} heads over {g} groups, {s} keys for {offset} + {t}")
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     fp32 = q.dtype == torch.float32
-    block_m, block_n, warps, stages = config or PREFILL_CONFIGS[
+    block_m, block_n, warps, stages = config or current().tile("attention_prefill", PREFILL_TILES)[
         "fp32" if fp32 else "long" if t >= PREFILL_LONG else "short"]
     out = torch.empty(b, t, a, d, dtype=q.dtype, device=q.device)
     _prefill_kernel[(triton.cdiv(t, block_m), b * a)](

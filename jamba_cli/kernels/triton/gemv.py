@@ -14,19 +14,24 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_ops import PDL, pdl_enter
+from ..options import current
+from .launch import pdl, pdl_enter
 
-# (BLOCK_N, BLOCK_K, num_warps, num_stages), chosen by benchmarks/bench_kernels.py on an H200 (batch 1):
-# the linears where our GEMV beats cuBLAS, keyed by weight shape (N, K); the others stay on cuBLAS
-LINEAR_CONFIGS = {(4096, 8192): (8, 1024, 4, 3),  # Jamba-Mini out_proj: 3050 vs 2883 GB/s
-                  (4096, 4096): (8, 512, 8, 3),  # q_proj, o_proj: 2661 vs 2379
-                  (1024, 4096): (4, 1024, 8, 3),  # k_proj, v_proj: 1187 vs 1075
-                  (65536, 4096): (8, 256, 4, 3)}  # lm_head: 4045 vs 3859
-# SwiGLU and down kernels, dense and experts: picked by whole decode steps (bench_generate.py's variants,
-# results/generate_h200_tuning.json: 144.0 -> 151.0 tok/s for the expert tiles, 145.2 for the dense ones),
-# from the best few of bench_kernels.py's sweeps of each kernel alone
-DENSE_CONFIGS = ((8, 512, 4, 3), (8, 1024, 4, 3))
-MOE_CONFIGS = ((8, 1024, 4, 3), (16, 1024, 4, 3))
+# Tiles (BLOCK_N, BLOCK_K, num_warps, num_stages). LINEAR_TILES: the one-token linears, keyed by weight
+# shape (N, K), where our GEMV beat cuBLAS in benchmarks/bench_kernels.py's sweep (results/kernels_h200.json);
+# other shapes stay on cuBLAS. The SwiGLU + down pairs, dense and experts: the best few of that sweep,
+# then the fastest in whole decode steps (bench_generate.py's variants, results/generate_h200_tuning.json).
+LINEAR_TILES = {(4096, 8192): (8, 1024, 4, 3),  # Jamba-Mini out_proj
+                (4096, 4096): (8, 512, 8, 3),  # q_proj, o_proj
+                (1024, 4096): (4, 1024, 8, 3),  # k_proj, v_proj
+                (65536, 4096): (8, 256, 4, 3)}  # lm_head
+DENSE_TILES = ((8, 512, 4, 3), (8, 1024, 4, 3))
+MOE_TILES = ((8, 1024, 4, 3), (16, 1024, 4, 3))
+
+
+def has_linear_tile(n: int, k: int) -> bool:
+    """Whether a one-token linear with an (N, K) weight should take our GEMV (tuned for that shape)."""
+    return current().tile("linear", None, (n, k)) is not None or (n, k) in LINEAR_TILES
 
 
 @triton.jit
@@ -62,10 +67,11 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, config=None) -> torch.Tensor:
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
     out = torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)
-    bn, bk, warps, stages = config or LINEAR_CONFIGS.get((n, k), (8, 512, 4, 3))
+    bn, bk, warps, stages = config or current().tile("linear", LINEAR_TILES.get((n, k), (8, 512, 4, 3)), (n, k))
+    use_pdl = pdl()
     _gemv_kernel[(rows.shape[0], triton.cdiv(n, bn))](
         rows, weight, out, n, k, rows.stride(0), weight.stride(0), BLOCK_N=bn, BLOCK_K=bk, EVEN_K=k % bk == 0,
-        USE_PDL=PDL.on, num_warps=warps, num_stages=stages, launch_pdl=PDL.on)
+        USE_PDL=use_pdl, num_warps=warps, num_stages=stages, launch_pdl=use_pdl)
     return out
 
 
@@ -87,8 +93,9 @@ def router_logits(x: torch.Tensor, router: torch.Tensor) -> torch.Tensor:
     """Router logits for a few tokens x (T, H), router (X, H) -> (T, X) float32 (values in x's dtype)."""
     t, h = x.shape
     out = torch.empty(t, router.shape[0], dtype=torch.float32, device=x.device)
+    use_pdl = pdl()
     _router_kernel[(t, router.shape[0])](x.contiguous(), router, out, h, router.shape[0], BLOCK_K=1024,
-                                         USE_PDL=PDL.on, num_warps=4, launch_pdl=PDL.on)
+                                         USE_PDL=use_pdl, num_warps=4, launch_pdl=use_pdl)
     return out
 
 
@@ -204,16 +211,18 @@ def swiglu_mlp(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torc
     n_exp = gate.shape[0] if routed else 1
     x = x.contiguous()
     logits = logits.contiguous() if routed else x  # an unused pointer when dense
-    (bn, bk, warps, stages), (dbn, dbk, dwarps, dstages) = configs or (MOE_CONFIGS if routed else DENSE_CONFIGS)
+    (bn, bk, warps, stages), (dbn, dbk, dwarps, dstages) = configs or (
+        current().tile("moe", MOE_TILES) if routed else current().tile("dense", DENSE_TILES))
+    use_pdl = pdl()
     block_x = max(16, triton.next_power_of_2(n_exp))
     act = torch.empty(t * k, i, dtype=x.dtype, device=x.device)
     _swiglu_kernel[(t * k, triton.cdiv(i, bn))](
         x, gate, up, logits, act, h, i, n_exp, gate.stride(0) if routed else 0, gate.stride(-2),
         TOP_K=k, ROUTED=routed, BLOCK_X=block_x, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=h % bk == 0,
-        USE_PDL=PDL.on, num_warps=warps, num_stages=stages, launch_pdl=PDL.on)
+        USE_PDL=use_pdl, num_warps=warps, num_stages=stages, launch_pdl=use_pdl)
     out = torch.empty(t, h, dtype=x.dtype, device=x.device)
     _down_kernel[(t, triton.cdiv(h, dbn))](
         act, down, logits, out, h, i, n_exp, down.stride(0) if routed else 0, down.stride(-2),
         TOP_K=k, ROUTED=routed, BLOCK_X=block_x, BLOCK_N=dbn, BLOCK_K=dbk, EVEN_K=i % dbk == 0,
-        USE_PDL=PDL.on, num_warps=dwarps, num_stages=dstages, launch_pdl=PDL.on)
+        USE_PDL=use_pdl, num_warps=dwarps, num_stages=dstages, launch_pdl=use_pdl)
     return out
