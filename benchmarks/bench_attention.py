@@ -9,8 +9,8 @@ Decode: a step over a static cache, the model's PyTorch path vs the fused Triton
 
 Jamba-Mini's attention shape (A=32 query heads, G=8 K/V heads, Dh=128, bf16) at batch 1 and 8, with
 positions 2047 and 65535 cached. Both paths are captured in CUDA graphs, as the decode step is. The
-PyTorch path is model.Attention's static-cache branch (index_copy_ x2, arange <= pos mask,
-_decode_attention). For each case: time of each path, a sweep of Triton configs, the error of both paths
+PyTorch path is kernels/reference.py's decode_attention (index_copy_ x2, arange <= pos mask,
+attend_one). For each case: time of each path, a sweep of Triton configs, the error of both paths
 against an fp32 computation on the same inputs, and a replay of the captured graph after pos moved.
 """
 
@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 import triton.testing
 
-from jamba_cli import triton_attention
-from jamba_cli.model import _decode_attention
+from jamba_cli.kernels.reference import attend_one
+from jamba_cli.kernels.triton import attention as triton_attention
 
 A, G, D = 32, 8, 128
 CONFIGS = [(16, 4, 3, 8), (32, 4, 2, 4), (32, 4, 3, 4), (64, 4, 2, 4), (64, 4, 3, 4), (64, 4, 2, 2),
@@ -48,14 +48,14 @@ def torch_path(q, k, v, ck, cv, pos, key_mask):
     ck.index_copy_(2, pos, k[:, :, None])
     cv.index_copy_(2, pos, v[:, :, None])
     valid = torch.arange(ck.shape[2], device=q.device) <= pos
-    return _decode_attention(q[:, :, None], ck, cv, valid if key_mask is None else valid & key_mask)[:, :, 0]
+    return attend_one(q[:, :, None], ck, cv, valid if key_mask is None else valid & key_mask)[:, :, 0]
 
 
 def fp32_reference(q, k, v, ck, cv, p, key_mask):
     kk, vv = ck[:, :, :p + 1].float().clone(), cv[:, :, :p + 1].float().clone()
     kk[:, :, p], vv[:, :, p] = k.float(), v.float()
     valid = None if key_mask is None else key_mask[:, :p + 1]
-    return _decode_attention(q.float()[:, :, None], kk, vv, valid)[:, :, 0]
+    return attend_one(q.float()[:, :, None], kk, vv, valid)[:, :, 0]
 
 
 def rel(x, ref) -> float:
@@ -94,7 +94,7 @@ def run_case(b: int, p: int) -> dict:
             sweep[str(cfg)] = {"error": str(exc).splitlines()[0][:200]}
     res["triton_sweep"] = sweep
     best = min((s["ms"], c) for c, s in sweep.items() if "ms" in s)[1]
-    default = str(triton_attention.CONFIG)
+    default = str(triton_attention.DECODE_TILE)
     res["triton_best"] = {"config": best, **sweep[best]}
     if default in sweep:
         res["triton_default"] = {"config": default, **sweep[default]}

@@ -21,8 +21,6 @@ import subprocess
 import sys
 import time
 import traceback
-import types
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -32,6 +30,7 @@ from common import build, shape_config  # noqa: E402
 
 from jamba_cli import kernels  # noqa: E402
 from jamba_cli.cache import make_cache  # noqa: E402
+from jamba_cli.kernels import KernelOptions  # noqa: E402
 from jamba_cli.config import JambaConfig  # noqa: E402
 from jamba_cli.generation import CUDAGraphDecoder, prefill_chunk_size  # noqa: E402
 from jamba_cli.model import JambaForCausalLM  # noqa: E402
@@ -128,62 +127,30 @@ def peak_gb() -> float:
     return torch.cuda.max_memory_allocated() / GB
 
 
-# Decode at batch 1 and prefill are also timed with other kernel choices: each variant is a list of
-# (where, key, value) switched for its run; `where` is a module, or a function giving the object or dict
-def _gemv():
-    return kernels.cuda_ops().gemv
-
-
-def _pdl():
-    return kernels.cuda_ops().triton.PDL
-
-
-def _linear_configs():
-    return kernels.cuda_ops().gemv.LINEAR_CONFIGS
-
-
-VARIANTS = {"cublas_linears": [(kernels, "GEMV_LINEARS", False)], "no_pdl": [(_pdl, "on", False)],
-            "gemv_in_proj": [(_linear_configs, (16384, 4096), (4, 256, 4, 3))],
-            "moe_16_512_8_1024": [(_gemv, "MOE_CONFIGS", ((16, 512, 4, 3), (8, 1024, 4, 3)))],
-            "dense_4_512_4_1024": [(_gemv, "DENSE_CONFIGS", ((4, 512, 4, 4), (4, 1024, 4, 4)))]}
-# prefill variants: (switches, the prompt lengths to time)
-PREFILL_VARIANTS = {"mamba_ssm_scan": ([(kernels, "TRITON_SCAN", False)], (2048, 16384, 65536)),
-                    "sdpa_attention": ([(kernels, "PREFILL_ATTENTION", False)], (2048, 16384, 65536))}
-_MISSING = object()
-
-
-@contextmanager
-def switched(changes):
-    """Apply a variant's switches for the duration of the block, then restore what was there."""
-    undo = []
-    try:
-        for where, key, value in changes:
-            obj = where if isinstance(where, types.ModuleType) else where()
-            if isinstance(obj, dict):
-                undo.append((obj, key, obj.get(key, _MISSING)))
-                obj[key] = value
-            else:
-                undo.append((obj, key, getattr(obj, key)))
-                setattr(obj, key, value)
-        yield
-    finally:
-        for obj, key, old in reversed(undo):
-            if not isinstance(obj, dict):
-                setattr(obj, key, old)
-            elif old is _MISSING:
-                obj.pop(key, None)
-            else:
-                obj[key] = old
+# Decode and prefill are also timed with other kernel choices, each a KernelOptions active for its run.
+# "ours": our Triton kernels everywhere, what runs where mamba-ssm and causal-conv1d are not installed.
+OURS = KernelOptions(scan="triton", conv="triton", step="triton")
+VARIANTS = {"cublas_linears": KernelOptions(gemv_linears=False), "no_pdl": KernelOptions(pdl=False),
+            "gemv_in_proj": KernelOptions(tiles={"linear": {(16384, 4096): (4, 256, 4, 3)}}),
+            "moe_16_512_8_1024": KernelOptions(tiles={"moe": ((16, 512, 4, 3), (8, 1024, 4, 3))}),
+            "dense_4_512_4_1024": KernelOptions(tiles={"dense": ((4, 512, 4, 4), (4, 1024, 4, 4))})}
+BATCH_VARIANTS = {"ours": OURS, "mamba_ssm_step": KernelOptions(step="mamba_ssm")}  # batch > 1
+# prefill variants: (options, the prompt lengths to time)
+PREFILL_VARIANTS = {"mamba_ssm_scan": (KernelOptions(scan="mamba_ssm"), (2048, 16384, 65536)),
+                    "sdpa_attention": (KernelOptions(attention="sdpa"), (2048, 16384, 65536)),
+                    "ours": (OURS, (2048, 16384, 65536)),
+                    "causal_conv1d_conv": (KernelOptions(conv="causal_conv1d"), (2048, 16384))}
 
 
 # ----------------------------------------------------------------------------------------------- ours
 
 def bench_ours(cfg_dict: dict, lengths: list[int], chunk: int, steps: int, log, profile: int = 0,
-               warm_max: int = 65536, rest: float = 0.0) -> dict:
+               warm_max: int = 65536, rest: float = 0.0, variants_on: bool = True, batches=(1, 8)) -> dict:
     config = JambaConfig.from_dict(cfg_dict)
     t0 = time.perf_counter()
     model = build(JambaForCausalLM, config, torch.bfloat16, "cuda")
-    out = {"build_seconds": time.perf_counter() - t0, "weights_gb": torch.cuda.memory_allocated() / GB}
+    out = {"build_seconds": time.perf_counter() - t0, "weights_gb": torch.cuda.memory_allocated() / GB,
+           "kernels_available": kernels.available(), "kernel_options": repr(kernels.current())}
     log(f"ours: built in {out['build_seconds']:.1f} s, {out['weights_gb']:.1f} GB")
     g = torch.Generator(device="cuda").manual_seed(0)
 
@@ -243,14 +210,14 @@ def bench_ours(cfg_dict: dict, lengths: list[int], chunk: int, steps: int, log, 
             log("ours: prefill profile\n" + "\n".join(out["profile"].splitlines()[:28]))
             del cache
         out["decode"] = {}
-        for batch in (1, 8):
+        for batch in batches:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
             prompt = 2048
             ids = torch.randint(0, config.vocab_size, (batch, prompt), device="cuda", generator=g)
             t0 = sync()
             cache = make_cache(config, batch, dtype=torch.bfloat16, device="cuda",
-                               capacity=prompt + (4 + len(VARIANTS)) * steps + 64, static=True)
+                               capacity=prompt + (4 + len(VARIANTS) + len(BATCH_VARIANTS)) * steps + 64, static=True)
             tok = prefill(ids, cache)[:, -1].argmax(-1)
             tok.cpu()
             ttft = time.perf_counter() - t0
@@ -264,9 +231,10 @@ def bench_ours(cfg_dict: dict, lengths: list[int], chunk: int, steps: int, log, 
                 tok.cpu()
             synced_s = sync() - t0
             variants = {}
-            for name, changes in VARIANTS.items() if batch == 1 else ():  # the same step, other kernels
+            chosen = (VARIANTS if batch == 1 else BATCH_VARIANTS) if variants_on else {}
+            for name, options in chosen.items():  # the same step, other kernels
                 try:
-                    with switched(changes):
+                    with kernels.using(options):
                         tok, seconds = timed_steps(CUDAGraphDecoder(model, cache), tok)
                     variants[name] = steps / seconds
                 except Exception as exc:
@@ -293,12 +261,12 @@ def bench_ours(cfg_dict: dict, lengths: list[int], chunk: int, steps: int, log, 
             log(f"ours: decode batch {batch}: {out['decode'][batch]}")
             del cache, step
         out["prefill_variants"] = {}
-        for name, (changes, sizes) in PREFILL_VARIANTS.items():  # last: a variant may crash the process
+        for name, (options, sizes) in PREFILL_VARIANTS.items() if variants_on else ():  # last: may crash
             res = out["prefill_variants"][name] = {}
             for n in (n for n in lengths if n in sizes):
                 try:
                     torch.cuda.empty_cache()
-                    with switched(changes):
+                    with kernels.using(options):
                         res[n] = timed_prefill(n, warm=True)
                 except Exception as exc:
                     res[n] = {"error": str(exc).splitlines()[0][:200]}
@@ -309,7 +277,8 @@ def bench_ours(cfg_dict: dict, lengths: list[int], chunk: int, steps: int, log, 
 
 # ----------------------------------------------------------------------------------------- transformers
 
-def bench_hf(cfg_dict: dict, lengths: list[int], steps: int, log, warm_max: int = 65536, rest: float = 0.0) -> dict:
+def bench_hf(cfg_dict: dict, lengths: list[int], steps: int, log, warm_max: int = 65536, rest: float = 0.0,
+             batches=(1, 8)) -> dict:
     import warnings
 
     from transformers import JambaConfig as HFConfig
@@ -348,7 +317,7 @@ def bench_hf(cfg_dict: dict, lengths: list[int], steps: int, log, warm_max: int 
             gc.collect()
             torch.cuda.empty_cache()
         out["decode"] = {}
-        for batch in (1, 8):
+        for batch in batches:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
             ids = torch.randint(0, hf_cfg.vocab_size, (batch, 2048), device="cuda", generator=g)
@@ -386,6 +355,10 @@ def main() -> None:
     ap.add_argument("--rest", type=float, default=2.0,
                     help="seconds idle before each one-shot prefill run, timed after the back-to-back ones "
                          "(0: none)")
+    ap.add_argument("--no-variants", action="store_true", help="time only the default kernel choices")
+    ap.add_argument("--batches", default="1,8", help="decode batch sizes")
+    ap.add_argument("--kernels", choices=("default", "ours"), default="default",
+                    help="ours: every run on our Triton kernels (as without mamba-ssm and causal-conv1d)")
     args = ap.parse_args()
     cfg = shape_config(args.shape, args.layers)
     results = {"shape": args.shape, "config": cfg, "device": torch.cuda.get_device_name(),
@@ -402,9 +375,11 @@ def main() -> None:
     log(f"GEMV bandwidth {results['gemv_bandwidth_gb_s']:.0f} GB/s; {results['decode_bytes_per_token_gb']:.2f} "
         f"GB/token -> decode limit {results['decode_limit_tok_s']:.1f} tok/s")
     lengths = [int(x) for x in args.lengths.split(",") if x]
+    batches = [int(x) for x in args.batches.split(",") if x]
     try:
-        results["ours"] = bench_ours(cfg, lengths, args.chunk, args.steps, log, args.profile, args.warm_max,
-                                     args.rest)
+        with kernels.using(OURS if args.kernels == "ours" else KernelOptions()):
+            results["ours"] = bench_ours(cfg, lengths, args.chunk, args.steps, log, args.profile, args.warm_max,
+                                         args.rest, not args.no_variants, batches)
     except Exception:
         results["ours_error"] = traceback.format_exc()
         log(results["ours_error"])
@@ -413,7 +388,7 @@ def main() -> None:
     if not args.skip_hf:
         try:
             results["hf"] = bench_hf(cfg, [int(x) for x in args.hf_lengths.split(",") if x], args.hf_steps, log,
-                                     args.warm_max, args.rest)
+                                     args.warm_max, args.rest, batches)
         except Exception:
             results["hf_error"] = traceback.format_exc()
             log(results["hf_error"])

@@ -90,7 +90,12 @@ def conv_bench() -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--conv-only", action="store_true", help="time the causal conv alone")
     args = ap.parse_args()
+    if args.conv_only:
+        res = {"device": torch.cuda.get_device_name(), "conv": conv_bench()}
+        args.out.write_text(json.dumps(res, indent=1))
+        return
     from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
 
     start = time.monotonic()

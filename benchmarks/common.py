@@ -22,6 +22,12 @@ SHAPES = {
                   num_attention_heads=64, num_key_value_heads=8, num_experts=16, num_experts_per_tok=2,
                   attn_layer_period=8, attn_layer_offset=4, expert_layer_period=2, expert_layer_offset=1,
                   mamba_d_state=16, mamba_d_conv=4, mamba_expand=2, mamba_dt_rank=512),
+    # Jamba-Reasoning-3B / Jamba2-3B: dense MLPs, attention on layers 7 and 21 with one K/V head, tied
+    # embeddings (2.9B parameters with the 64K vocabulary)
+    "3b": dict(vocab_size=65536, hidden_size=2560, intermediate_size=8192, num_hidden_layers=28,
+               num_attention_heads=20, num_key_value_heads=1, num_experts=1, num_experts_per_tok=1,
+               attn_layer_period=14, attn_layer_offset=7, expert_layer_period=1, expert_layer_offset=0,
+               mamba_d_state=16, mamba_d_conv=4, mamba_expand=2, mamba_dt_rank=160, tie_word_embeddings=True),
     # smoke tests on a CPU
     "tiny": dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=8,
                  num_attention_heads=4, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,

@@ -2,7 +2,7 @@
 
 Same math and contract as `reference.selective_scan`, all in fp32: Δ = softplus(delta + bias);
 h_t = exp(Δ_t A) h_{t-1} + Δ_t u_t B_t; y_t = C_t·h_t + D u_t; y_t *= silu(z_t); y cast to u's dtype.
-A start state is taken natively (no correction pass) and the last state is written back into it.
+A start state is taken natively (no correction pass) and the last state is copied back into it.
 
 One pass: a program owns BLOCK_E channels × N states and walks all of T in tiles of BLOCK_T tokens, so
 each element costs one exp, the minimum. Tiles are laid out (BLOCK_T, N, BLOCK_E): Triton spreads the
@@ -180,9 +180,7 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, Bm: to
     bias = torch.zeros(e, device=dev) if delta_bias is None else delta_bias.float().contiguous()
     y = _rows(bsz, e, t, u.dtype, dev) if out is None else out
     h0 = state.float().contiguous() if state is not None and resume else None
-    # each program reads its channels' start state before it writes their last one: in place is safe
-    in_place = state is not None and state.dtype == torch.float32 and state.is_contiguous()
-    last = state if in_place else torch.empty(bsz, e, n, dtype=torch.float32, device=dev)
+    last = torch.empty(bsz, e, n, dtype=torch.float32, device=dev)
     # B and C are small (N values per token): fp32 with T contiguous spares the kernel a conversion per
     # element and lets it read whole rows (a fifth fewer instructions in its loop)
     Bm, Cm = _rows(bsz, n, t, torch.float32, dev).copy_(Bm), _rows(bsz, n, t, torch.float32, dev).copy_(Cm)
@@ -194,7 +192,7 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, Bm: to
         HAS_H0=h0 is not None, HAS_Z=z is not None,
         STAGES=cfg["stages"], FAST=u.is_cuda,  # PTX where there is a GPU: Triton's interpreter runs tl.log
         num_warps=cfg["num_warps"])
-    if state is not None and not in_place:
+    if state is not None:
         state.copy_(last)
     return y
 
