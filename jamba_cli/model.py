@@ -4,7 +4,7 @@ Module names equal the checkpoint keys (`model.layers.3.mamba.in_proj.weight`, .
 experts of an MoE layer are stacked as transformers v5 keeps them in memory
 (`feed_forward.experts.gate_up_proj` (X, 2I, H), `feed_forward.experts.down_proj` (X, H, I));
 `loader.py` stacks the per-expert tensors found on disk. Numerics follow transformers'
-JambaForCausalLM on its mamba-ssm kernel path.
+JambaForCausalLM with its fast Mamba path (dt bias, softplus and the scan in fp32).
 
 Operations with more than one implementation (norms, linears, attention, the scan, ...) are calls into
 `kernels`, which picks one for the device and the installed kernels; this file is the math.
@@ -238,7 +238,7 @@ class JambaForCausalLM(nn.Module):
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.kernel_options: kernels.KernelOptions | None = None  # None: the active ones (kernels.using)
+        self.kernel_options = None  # the kernels.KernelOptions this model runs with; None: the active ones
 
     @property
     def dtype(self) -> torch.dtype:
@@ -266,10 +266,8 @@ class JambaForCausalLM(nn.Module):
     def compute(self, input_ids: torch.Tensor, cache: HybridCache | None = None,
                 attention_mask: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
         """`forward` without moving the cache's position: the tokens' state is written at the position the
-        cache holds, and the caller then calls `cache.advance(T)`. A CUDA graph captures this, so that each
-        replay runs at the position the cache says."""
-        if self.kernel_options is None:
-            return self._compute(input_ids, cache, attention_mask, last_only)
+        cache holds, and the caller then calls `cache.advance(T)`. A captured decode step (a graph that is
+        replayed) holds this, so that each replay runs at the position the cache says."""
         with kernels.using(self.kernel_options):
             return self._compute(input_ids, cache, attention_mask, last_only)
 

@@ -77,8 +77,12 @@ def current() -> KernelOptions:
 
 
 @contextmanager
-def using(options: KernelOptions) -> Iterator[KernelOptions]:
-    """Make `options` the active ones inside the block (per thread and task; blocks nest)."""
+def using(options: KernelOptions | None) -> Iterator[KernelOptions]:
+    """Make `options` the active ones inside the block (per thread and task; blocks nest). None keeps
+    the active ones."""
+    if options is None:
+        yield current()
+        return
     token = _ACTIVE.set(options)
     try:
         yield options
