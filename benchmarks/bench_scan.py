@@ -63,13 +63,31 @@ def ms(fn) -> float:
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
+CONV_TILES = [(8, 256, 4), (4, 512, 4), (8, 512, 4), (8, 512, 8), (16, 256, 4), (4, 1024, 4), (8, 1024, 8),
+              (16, 512, 8), (2, 1024, 4), (4, 1024, 8), (1, 2048, 8)]
+
+
 def conv_bench() -> dict:
     """Our prompt conv against causal-conv1d's, on u as the model passes it (a row-strided half of in_proj's
-    output), from zeros and continuing from a state; GB/s counts u read and y written once."""
-    out = {}
+    output), from zeros and continuing from a state; GB/s counts u read and y written once. First a sweep
+    of tiles (BLOCK_E, BLOCK_T, num_warps) at T = 16384, then the best against causal-conv1d."""
+    out = {"sweep": {}}
     g = torch.Generator(device="cuda").manual_seed(3)
     w = (torch.randn(E, 4, generator=g, device="cuda") * 0.3).to(torch.bfloat16)
     b = (torch.randn(E, generator=g, device="cuda") * 0.1).to(torch.bfloat16)
+    u = torch.randn(1, 2 * E, SWEEP_T, generator=g, device="cuda").to(torch.bfloat16)[:, :E]
+    ref = triton_mamba.causal_conv1d(u, w, b, None, "silu")
+    for tile in CONV_TILES:
+        try:
+            err = rel(triton_mamba.causal_conv1d(u, w, b, None, "silu", tile=tile), ref)
+            out["sweep"][str(tile)] = {"ms": ms(lambda: triton_mamba.causal_conv1d(u, w, b, None, "silu", tile=tile)),
+                                       "rel_err": err}
+        except Exception as exc:
+            out["sweep"][str(tile)] = {"error": str(exc).strip().splitlines()[-1][:200]}
+        print("conv", tile, out["sweep"][str(tile)], flush=True)
+    best = min((r["ms"], t) for t in CONV_TILES if "ms" in (r := out["sweep"][str(t)]) and r["rel_err"] < 1e-3)[1]
+    out["best"] = str(best)
+    del u, ref
     for t in (2048, 16384, 65536):
         torch.cuda.empty_cache()
         xz = torch.randn(1, 2 * E, t, generator=g, device="cuda").to(torch.bfloat16)
@@ -77,9 +95,10 @@ def conv_bench() -> dict:
         for resume in (False, True):
             state = torch.randn(1, E, 3, generator=g, device="cuda").to(torch.bfloat16)
             theirs = compiled.causal_conv1d(u, w, b, state.clone(), "silu", resume)
-            mine = triton_mamba.causal_conv1d(u, w, b, state.clone(), "silu", resume)
-            ours_ms = ms(lambda: triton_mamba.causal_conv1d(u, w, b, state, "silu", resume))
-            out[f"T={t}{' state' if resume else ''}"] = {
+            mine = triton_mamba.causal_conv1d(u, w, b, state.clone(), "silu", resume, tile=best)
+            ours_ms = ms(lambda: triton_mamba.causal_conv1d(u, w, b, state, "silu", resume, tile=best))
+            default_ms = ms(lambda: triton_mamba.causal_conv1d(u, w, b, state, "silu", resume))
+            out[f"T={t}{' state' if resume else ''}"] = {"default_tile_ms": default_ms,
                 "ours_ms": ours_ms, "causal_conv1d_ms": ms(lambda: compiled.causal_conv1d(u, w, b, state, "silu", resume)),
                 "rel_err": rel(mine, theirs), "ours_gb_s": 2 * u.numel() * 2 / ours_ms / 1e6}
             print(t, resume, out[f"T={t}{' state' if resume else ''}"], flush=True)
@@ -169,6 +188,8 @@ def main() -> None:
           "  (with a start state; mamba-ssm plus the correction)")
     print(f"\ncausal conv, B=1 E={E} K=4 bf16: ours vs causal_conv1d_fn (ms)")
     for key, r in res["conv"].items():
+        if not key.startswith("T="):
+            continue
         print(f"{key:>14} ours {r['ours_ms']:.3f}  causal-conv1d {r['causal_conv1d_ms']:.3f}  "
               f"({r['causal_conv1d_ms'] / r['ours_ms']:.2f}x)  err {r['rel_err']:.1e}  {r['ours_gb_s']:.0f} GB/s")
     errors = sum("error" in v for v in res["sweep"].values())

@@ -66,7 +66,10 @@ def main() -> None:
     ap.add_argument("--lengths", default="2048,16384")
     ap.add_argument("--steps", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=2, help="runs of each tree with the compiled kernels")
+    ap.add_argument("--budget", type=float, default=0, help="seconds: start no run that would end past this "
+                    "(judged by the longest run so far); 0: no limit")
     args = ap.parse_args()
+    start = time.monotonic()
     work = args.out.parent / (args.out.stem + "_runs")
     work.mkdir(parents=True, exist_ok=True)
     without = {"PYTHONPATH": os.pathsep.join(p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
@@ -74,12 +77,21 @@ def main() -> None:
                                                               for m in ("mamba_ssm", "causal_conv1d")))}
     runs: dict[str, list[dict]] = {"old": [], "new": [], "new_without_compiled": []}
     report = {"shape": args.shape, "old_tree": str(args.old), "runs": runs}
-    for r in range(args.rounds):
-        runs["old"].append(run_tree(args.old.resolve(), work / f"old_{r}.json", args))
-        runs["new"].append(run_tree(NEW, work / f"new_{r}.json", args))
-        if r == 0:
-            runs["new_without_compiled"].append(run_tree(NEW, work / "new_without.json", args, without,
-                                                         ("--no-variants",)))
+    plan = [("old", 0), ("new", 0), ("new_without_compiled", 0)]
+    plan += [(name, r) for r in range(1, args.rounds) for name in ("old", "new")]
+    longest = 0.0
+    for name, r in plan:
+        if args.budget and time.monotonic() - start + longest > args.budget:
+            print(f"stopping before {name} run {r}: the budget of {args.budget:.0f} s would be passed", flush=True)
+            break
+        if name == "old":
+            result = run_tree(args.old.resolve(), work / f"old_{r}.json", args)
+        elif name == "new":
+            result = run_tree(NEW, work / f"new_{r}.json", args)
+        else:
+            result = run_tree(NEW, work / "new_without.json", args, without, ("--no-variants",))
+        runs[name].append(result)
+        longest = max(longest, result["wall_s"])
         args.out.write_text(json.dumps(report, indent=1))
     medians = {}
     for name, results in runs.items():
