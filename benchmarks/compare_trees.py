@@ -32,6 +32,8 @@ def run_tree(tree: Path, out: Path, args, extra_env: dict | None = None, extra_a
     env["PYTHONPATH"] = os.pathsep.join([str(tree), *[p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]])
     cmd = [sys.executable, str(tree / "benchmarks" / "bench_generate.py"), "--out", str(out), "--skip-hf",
            "--shape", args.shape, "--lengths", args.lengths, "--steps", str(args.steps), *extra_args]
+    if args.layers:
+        cmd += ["--layers", str(args.layers)]
     print("+", " ".join(cmd), flush=True)
     t0 = time.monotonic()
     proc = subprocess.run(cmd, env=env, cwd=tree, capture_output=True, text=True)
@@ -63,6 +65,7 @@ def main() -> None:
     ap.add_argument("--old", type=Path, required=True, help="the other checkout (its benchmarks/ and jamba_cli/)")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--shape", default="mini")
+    ap.add_argument("--layers", type=int, help="build only this many layers of the shape (a smaller GPU)")
     ap.add_argument("--lengths", default="2048,16384")
     ap.add_argument("--steps", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=2, help="runs of each tree with the compiled kernels")
@@ -76,7 +79,7 @@ def main() -> None:
                                              if p and not any((Path(p) / m).exists()
                                                               for m in ("mamba_ssm", "causal_conv1d")))}
     runs: dict[str, list[dict]] = {"old": [], "new": [], "new_without_compiled": []}
-    report = {"shape": args.shape, "old_tree": str(args.old), "runs": runs}
+    report = {"shape": args.shape, "layers": args.layers, "old_tree": str(args.old), "runs": runs}
     plan = [("old", 0), ("new", 0), ("new_without_compiled", 0)]
     plan += [(name, r) for r in range(1, args.rounds) for name in ("old", "new")]
     longest = 0.0
