@@ -22,15 +22,11 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import JambaError
+from .errors import HubError
 
 DEFAULT_INCLUDE = ["*.safetensors", "*.json", "tokenizer*", "*.jinja"]  # no .bin/.pt/GGUF duplicates
 _COMMIT = re.compile(r"[0-9a-f]{40}")
 _TRUE = {"1", "ON", "YES", "TRUE"}
-
-
-class HubError(JambaError):
-    """A Hub download failed; the message is one line and never contains the token."""
 
 
 def _cache_root(cache_dir: str | os.PathLike | None = None) -> Path:

@@ -9,17 +9,13 @@ from datetime import datetime
 from functools import cached_property, lru_cache
 from pathlib import Path
 
-from .errors import CheckpointError, JambaError
+from .errors import ChatTemplateError, CheckpointError
 
 # transformers' named special tokens: the ones a chat template sees as variables
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 # Jamba 1.5+ turn markup; a tokenizer that has these tokens gets the built-in format when it ships no template
 JAMBA_CHAT_TOKENS = ("<|bom|>", "<|eom|>", "<|system|>", "<|user|>", "<|assistant|>")
 END_OF_TURN = "<|eom|>"
-
-
-class ChatTemplateError(JambaError):
-    """The chat template failed to render, or the checkpoint has no chat format."""
 
 
 def _token_text(value) -> str | None:
