@@ -15,14 +15,10 @@ from pathlib import Path
 import torch
 
 from .cache import AttnCache, HybridCache
-from .errors import JambaError
+from .errors import PromptCacheError
 from .model import JambaForCausalLM
 
 FORMAT = "jamba-prompt-cache/1"
-
-
-class PromptCacheError(JambaError):
-    """The prompt cache file cannot be used with this model."""
 
 
 def fingerprint(model: JambaForCausalLM) -> str:
