@@ -8,23 +8,19 @@ import sys
 import time
 import weakref
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
 
 from .cache import HybridCache, make_cache
-from .errors import JambaError
+from .errors import ContextOverflowError
 from .model import JambaForCausalLM
 from .quant import is_quantized
 from .sample import LogitsProcessor, Sampler, SamplingParams, make_sampler
 from .tokenizer import StreamingDetokenizer, Tokenizer
 
-DEFAULT_MAX_TOKENS = 512
-
-
-class ContextOverflowError(JambaError):
-    """The prompt does not fit in the context window."""
+SAMPLING_OPTIONS = frozenset(f.name for f in fields(SamplingParams))
 
 
 class CUDAGraphDecoder:
@@ -232,47 +228,51 @@ def prompt_ids(tokenizer: Tokenizer, prompt: str | Sequence[int] | Sequence[dict
 
 
 def stream_generate(model: JambaForCausalLM, tokenizer: Tokenizer, prompt: str | Sequence[int] | Sequence[dict],
-                    *, max_tokens: int | None = None, temperature: float | None = None, top_k: int | None = None,
-                    top_p: float | None = None, min_p: float | None = None,
-                    repetition_penalty: float | None = None, seed: int | None = None, stop: Sequence[str] = (),
-                    eos_token_ids: Sequence[int] | None = None, ignore_eos: bool = False,
+                    sampling: SamplingParams | None = None, *, eos_token_ids: Sequence[int] | None = None,
                     cache: HybridCache | None = None, context_size: int | None = None,
                     prompt_cache: str | os.PathLike | None = None, should_stop: Callable[[], bool] | None = None,
-                    prefill_chunk: int | None = None) -> Iterator[GenerationChunk]:
+                    prefill_chunk: int | None = None, **knobs) -> Iterator[GenerationChunk]:
     """Continue `prompt` and yield a `GenerationChunk` per sampled token; the texts joined are the reply.
-
-    Sampling knobs left as None take the checkpoint's generation_config.json values, else greedy.
 
     Args:
         prompt: text, chat messages (rendered with the chat template), or token ids (see `prompt_ids`).
-        max_tokens: most tokens to sample (default: generation_config's max_new_tokens, else 512).
-        stop: strings that end generation; they are matched on decoded text and left out of it.
+        sampling: how to sample; options left None take the checkpoint's generation_config.json, else
+            greedy decoding and 512 new tokens at most.
         eos_token_ids: tokens that end generation; default: the model's, the tokenizer's and the
             chat format's end-of-message token.
-        ignore_eos: keep going past EOS tokens (they are decoded like any other token).
         cache: continue from this cache (it holds earlier turns); it is appended to. On return it holds
             the prompt and every sampled token but the last.
         context_size: most positions the cache may hold (default: the model's max_position_embeddings).
         prompt_cache: a file with the cache state of an earlier prompt; when this prompt starts with the
             same tokens only the rest is computed, and the state of this prompt is written back.
         should_stop: polled between tokens; True ends the stream with finish_reason "interrupted".
+        **knobs: `SamplingParams` fields as keywords (`max_tokens=64, temperature=0.7`), a shorthand
+            for `sampling`; one given here (not None) wins over the same one in `sampling`.
 
     Raises:
+        TypeError: a knob is not a `SamplingParams` field (at the call, not at the first chunk).
+        SamplingError: a sampling option is out of its range (at the call).
         ContextOverflowError: the prompt does not fit in `context_size`.
     """
+    unknown = sorted(set(knobs) - SAMPLING_OPTIONS)
+    if unknown:
+        raise TypeError(f"stream_generate() got an unexpected keyword argument {unknown[0]!r}")
+    params = (sampling or SamplingParams()).override(**knobs).resolve(tokenizer.generation_config)
+    return _stream(model, tokenizer, prompt, params, eos_token_ids, cache, context_size, prompt_cache, should_stop,
+                   prefill_chunk)
+
+
+def _stream(model, tokenizer, prompt, params: SamplingParams, eos_token_ids, cache, context_size, prompt_cache,
+            should_stop, prefill_chunk) -> Iterator[GenerationChunk]:
     start = time.perf_counter()
     ids = prompt_ids(tokenizer, prompt)
     if not ids:
         raise ValueError("the prompt is empty: there is no token to continue from")
-    gen_config = tokenizer.generation_config
-    max_tokens = max_tokens if max_tokens is not None else int(gen_config.get("max_new_tokens") or DEFAULT_MAX_TOKENS)
-    params = SamplingParams.from_generation_config(gen_config).override(
-        temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty)
     head_device = model.lm_head.weight.device
-    sampler = params.sampler(make_generator(seed, head_device) if params.temperature > 0 else None)
+    sampler = params.sampler(make_generator(params.seed, head_device) if params.temperature > 0 else None)
     if eos_token_ids is None:
         eos_token_ids = [*model.config.eos_token_ids, *tokenizer.eos_token_ids, *tokenizer.end_of_turn_ids]
-    eos = set() if ignore_eos else set(eos_token_ids)
+    eos = set() if params.ignore_eos else set(eos_token_ids)
     context_size = context_size or model.config.max_position_embeddings
 
     if prompt_cache is not None and cache is not None:
@@ -280,7 +280,7 @@ def stream_generate(model: JambaForCausalLM, tokenizer: Tokenizer, prompt: str |
     used = cache.offset if cache is not None else 0
     if used + len(ids) > context_size:
         raise ContextOverflowError(f"the prompt needs {used + len(ids)} tokens but the context holds {context_size}")
-    max_tokens = min(max_tokens, context_size - used - len(ids) + 1)  # the last token is never fed back
+    max_tokens = min(params.max_tokens, context_size - used - len(ids) + 1)  # the last token is never fed back
     if cache is None:
         cache = make_cache(model.config, 1, dtype=model.dtype, device=model.layer_devices(),
                            capacity=len(ids) + max_tokens, static=on_single_gpu(model))
@@ -302,7 +302,7 @@ def stream_generate(model: JambaForCausalLM, tokenizer: Tokenizer, prompt: str |
     steps = generate_step(model, new, cache=cache, sampler=sampler, logits_processors=params.logits_processors(),
                           max_tokens=max_tokens, prefill_chunk=prefill_chunk, context=context)
     detok = StreamingDetokenizer(tokenizer)
-    stops = StopStrings(stop)
+    stops = StopStrings(params.stop)
     first = last = None
     count = 0
 
@@ -344,16 +344,14 @@ def _finish(detok: StreamingDetokenizer, stops: StopStrings) -> str:
     return text if hit else text + stops.flush()
 
 
-def generate(model: JambaForCausalLM, tokenizer: Tokenizer, prompt: str | Sequence[int] | Sequence[dict], *,
-             max_tokens: int | None = None, temperature: float | None = None, seed: int | None = None,
-             **options) -> str:
-    """Continue `prompt` and return the new text; takes the same options as `stream_generate`.
+def generate(model: JambaForCausalLM, tokenizer: Tokenizer, prompt: str | Sequence[int] | Sequence[dict],
+             sampling: SamplingParams | None = None, **knobs) -> str:
+    """Continue `prompt` and return the new text; takes the same arguments as `stream_generate`.
 
     A string is tokenized the way the checkpoint's tokenizer does by default (BOS included when it adds
     one); a list of ids is used as is: no template, no BOS added; a list of messages gets the chat template.
     """
-    return "".join(chunk.text for chunk in stream_generate(model, tokenizer, prompt, max_tokens=max_tokens,
-                                                           temperature=temperature, seed=seed, **options))
+    return "".join(chunk.text for chunk in stream_generate(model, tokenizer, prompt, sampling, **knobs))
 
 
 def _reset_peak_memory(device: torch.device) -> None:

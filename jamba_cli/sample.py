@@ -1,21 +1,49 @@
-"""Sampling as pure functions on logits (B, V): nothing here knows the model, cache or tokenizer."""
+"""Sampling: its options as one value (`SamplingParams`), and samplers as pure functions on logits (B, V).
+
+Nothing here knows the model, cache or tokenizer. Nothing here imports torch either (the functions use tensor
+methods), so the CLI can build and check a `SamplingParams` before anything heavy is loaded.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
+from typing import TYPE_CHECKING
 
-import torch
+from .errors import ConfigError, SamplingError
 
-Sampler = Callable[[torch.Tensor], torch.Tensor]  # logits (B, V) -> tokens (B,)
-LogitsProcessor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (history (B, L), logits) -> logits
+if TYPE_CHECKING:
+    import torch
+
+Sampler = Callable[["torch.Tensor"], "torch.Tensor"]  # logits (B, V) -> tokens (B,)
+LogitsProcessor = Callable[["torch.Tensor", "torch.Tensor"], "torch.Tensor"]  # (history (B, L), logits) -> logits
+
+DEFAULT_MAX_TOKENS = 512  # when neither the caller nor generation_config.json says
+
+# The ranges of the options, checked here and nowhere else: option -> (test, rule with {} for the option's name).
+RANGES = {
+    "max_tokens": (lambda v: v >= 0, "{} >= 0"),
+    "temperature": (lambda v: v >= 0, "{} >= 0"),
+    "top_k": (lambda v: v >= 0, "{} >= 0"),
+    "top_p": (lambda v: 0 < v <= 1, "0 < {} <= 1"),
+    "min_p": (lambda v: 0 <= v < 1, "0 <= {} < 1"),
+    "repetition_penalty": (lambda v: v > 0, "{} > 0"),
+}
+
+
+def check_ranges(**values) -> None:
+    """Raise SamplingError for the first option out of its range; None (not given) passes."""
+    for name, value in values.items():
+        ok, rule = RANGES[name]
+        if value is not None and not ok(value):
+            raise SamplingError(name, value, rule)
 
 
 def apply_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
     """Keep the k largest logits of each row (ties at the k-th value are kept too)."""
     if k <= 0 or k >= logits.shape[-1]:
         return logits
-    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+    kth = logits.topk(k, dim=-1).values[..., -1:]
     return logits.masked_fill(logits < kth, float("-inf"))
 
 
@@ -23,7 +51,7 @@ def apply_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
     """Keep the smallest set of most likely tokens whose probability reaches p (nucleus sampling)."""
     if p >= 1.0:
         return logits
-    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
     probs = sorted_logits.softmax(-1)
     # a token is dropped when the tokens before it already reach p; the most likely one always stays
     drop = (probs.cumsum(-1) - probs) >= p
@@ -42,19 +70,14 @@ def apply_min_p(logits: torch.Tensor, p: float) -> torch.Tensor:
 def make_sampler(temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
                  generator: torch.Generator | None = None) -> Sampler:
     """A function from logits to tokens; temperature 0 is greedy (argmax) and ignores the other knobs."""
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if not 0.0 <= min_p < 1.0:
-        raise ValueError(f"min_p must be in [0, 1), got {min_p}")
+    check_ranges(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
     if temperature == 0:
         return lambda logits: logits.argmax(-1)
 
     def sample(logits: torch.Tensor) -> torch.Tensor:
         logits = logits.float() / temperature
         logits = apply_min_p(apply_top_p(apply_top_k(logits, top_k), top_p), min_p)
-        return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+        return logits.softmax(-1).multinomial(1, generator=generator).squeeze(-1)
 
     return sample
 
@@ -62,14 +85,13 @@ def make_sampler(temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, m
 def repetition_penalty(penalty: float) -> LogitsProcessor:
     """CTRL-style penalty (as in transformers): logits of tokens already seen are divided by `penalty`
     when positive and multiplied by it when negative."""
-    if penalty <= 0:
-        raise ValueError(f"repetition penalty must be > 0, got {penalty}")
+    check_ranges(repetition_penalty=penalty)
 
     def process(history: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         if history.numel() == 0 or penalty == 1.0:
             return logits
         seen = logits.gather(-1, history)
-        seen = torch.where(seen < 0, seen * penalty, seen / penalty)
+        seen = (seen * penalty).where(seen < 0, seen / penalty)
         return logits.scatter(-1, history, seen)
 
     return process
@@ -77,35 +99,68 @@ def repetition_penalty(penalty: float) -> LogitsProcessor:
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """The sampling knobs in one value; the defaults are greedy decoding with no penalty."""
+    """How to sample a reply: the one value the CLI, the chat session and the Python API pass around.
 
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
+    A field left None takes the checkpoint's generation_config.json (`resolve`), else greedy decoding and
+    512 new tokens at most. The ranges are checked on construction (SamplingError, a ValueError).
+    """
+
+    max_tokens: int | None = None  # most tokens to sample
+    temperature: float | None = None  # 0: greedy
+    top_k: int | None = None  # sample from the k most likely tokens; 0: off
+    top_p: float | None = None  # nucleus: the most likely tokens up to this probability mass; 1: off
+    min_p: float | None = None  # drop tokens below this fraction of the top probability; 0: off
+    repetition_penalty: float | None = None  # 1: off
+    seed: int | None = None  # None: a random one
+    stop: tuple[str, ...] = ()  # texts that end the reply; matched on decoded text and left out of it
+    ignore_eos: bool = False  # keep going past end-of-text tokens
+
+    def __post_init__(self):
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        object.__setattr__(self, "stop", stop)  # a list is taken too; stored as a tuple, so the value hashes
+        check_ranges(**{name: getattr(self, name) for name in RANGES})
 
     @classmethod
     def from_generation_config(cls, config: dict) -> SamplingParams:
-        """Defaults a checkpoint's generation_config.json asks for, read with transformers' semantics:
+        """Every option as a checkpoint's generation_config.json asks, read with transformers' semantics:
         the sampling knobs apply only when `do_sample` is true (else greedy), with transformers' own
-        defaults (temperature 1.0, top_k 50) for the ones it leaves out."""
+        defaults (temperature 1.0, top_k 50) for the ones it leaves out.
+
+        Raises:
+            ConfigError: a value in the file is out of range.
+        """
         def get(key, default):
             value = config.get(key)
             return default if value is None else value
 
-        penalty = float(get("repetition_penalty", 1.0))
-        if not config.get("do_sample"):
-            return cls(repetition_penalty=penalty)
-        return cls(temperature=float(get("temperature", 1.0)), top_k=int(get("top_k", 50)),
-                   top_p=float(get("top_p", 1.0)), min_p=float(get("min_p", 0.0)), repetition_penalty=penalty)
+        greedy = dict(temperature=0.0, top_k=0, top_p=1.0, min_p=0.0)
+        knobs = greedy if not config.get("do_sample") else dict(
+            temperature=float(get("temperature", 1.0)), top_k=int(get("top_k", 50)), top_p=float(get("top_p", 1.0)),
+            min_p=float(get("min_p", 0.0)))
+        try:
+            return cls(max_tokens=int(config.get("max_new_tokens") or DEFAULT_MAX_TOKENS),
+                       repetition_penalty=float(get("repetition_penalty", 1.0)), **knobs)
+        except SamplingError as e:
+            raise ConfigError(f"generation_config.json: {e}") from None
+
+    def resolve(self, generation_config: dict) -> SamplingParams:
+        """A copy with every option left None taken from `generation_config` (`from_generation_config`)."""
+        return self.from_generation_config(generation_config).override(
+            **{f.name: getattr(self, f.name) for f in fields(self)})
 
     def override(self, **values) -> SamplingParams:
-        """A copy with the given knobs replaced; None means keep the current value."""
+        """A copy with the given options replaced; None means keep the current value."""
         return replace(self, **{k: v for k, v in values.items() if v is not None})
 
     def sampler(self, generator: torch.Generator | None = None) -> Sampler:
-        return make_sampler(self.temperature, self.top_k, self.top_p, self.min_p, generator=generator)
+        """The sampler for these options (one left None is off; temperature None is greedy)."""
+        return make_sampler(_given(self.temperature, 0.0), _given(self.top_k, 0), _given(self.top_p, 1.0),
+                            _given(self.min_p, 0.0), generator=generator)
 
     def logits_processors(self) -> list[LogitsProcessor]:
-        return [] if self.repetition_penalty == 1.0 else [repetition_penalty(self.repetition_penalty)]
+        penalty = _given(self.repetition_penalty, 1.0)
+        return [] if penalty == 1.0 else [repetition_penalty(penalty)]
+
+
+def _given(value, default):
+    return default if value is None else value

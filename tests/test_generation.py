@@ -6,10 +6,10 @@ import copy
 import pytest
 import torch
 
-from jamba_cli.generation import (ContextOverflowError, StopStrings, generate, generate_step, prompt_ids,
-                                  stream_generate)
+from jamba_cli.errors import ContextOverflowError, PromptCacheError, SamplingError
+from jamba_cli.generation import StopStrings, generate, generate_step, prompt_ids, stream_generate
 from jamba_cli.loader import load
-from jamba_cli.prompt_cache import PromptCacheError
+from jamba_cli.sample import SamplingParams
 
 PROMPT = "To be, or not to be"
 
@@ -104,6 +104,28 @@ def test_seeds_and_generation_config_defaults(small):
     assert sample(1, tk=hot) != sample(2, tk=hot)
     assert sample(3, 0.0, hot) == greedy[:len(sample(3, 0.0, hot))]
     assert len(list(stream_generate(model, hot, PROMPT, ignore_eos=True))) == 3
+
+
+def test_sampling_params_and_knobs_ask_for_the_same_thing(small):
+    model, tok = small
+    params = SamplingParams(max_tokens=8, temperature=1.0, top_k=20, seed=4, stop=("zz",), ignore_eos=True)
+    text, chunks = run(model, tok, sampling=params)
+    knobs = dict(max_tokens=8, temperature=1.0, top_k=20, seed=4, stop=["zz"], ignore_eos=True)
+    text_k, chunks_k = run(model, tok, **knobs)
+    assert (text_k, [c.token for c in chunks_k]) == (text, [c.token for c in chunks])
+    assert generate(model, tok, PROMPT, params) == generate(model, tok, PROMPT, **knobs) == text
+    # a knob given beside `sampling` wins over the same field; None leaves the field as it is
+    assert run(model, tok, sampling=params, seed=5, top_k=None)[0] == run(model, tok, **{**knobs, "seed": 5})[0]
+
+
+def test_unknown_or_out_of_range_knobs_fail_at_the_call(small):
+    model, tok = small
+    with pytest.raises(TypeError, match="unexpected keyword argument 'temprature'"):
+        stream_generate(model, tok, PROMPT, temprature=0.5)  # raised before the first chunk is asked for
+    with pytest.raises(TypeError, match="'temprature'"):
+        generate(model, tok, PROMPT, max_tokens=2, temprature=0.5)
+    with pytest.raises(SamplingError, match=r"top_p: 1.5 is out of range \(0 < top_p <= 1\)"):
+        stream_generate(model, tok, PROMPT, top_p=1.5)
 
 
 def test_stats(small):

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from jamba_cli.errors import ConfigError, SamplingError, UsageError
 from jamba_cli.sample import (SamplingParams, apply_min_p, apply_top_k, apply_top_p, make_sampler,
                               repetition_penalty)
 
@@ -67,7 +68,7 @@ def test_combined_filters_never_sample_a_dropped_token():
 
 @pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=0.0), dict(top_p=1.5), dict(min_p=1.0)])
 def test_invalid_knobs_raise(bad):
-    with pytest.raises(ValueError):
+    with pytest.raises(SamplingError):  # the same check as SamplingParams'
         make_sampler(**bad)
 
 
@@ -79,12 +80,53 @@ def test_repetition_penalty_divides_positive_and_multiplies_negative():
 
 
 def test_params_from_generation_config_follow_transformers():
-    assert SamplingParams.from_generation_config({}) == SamplingParams()
-    assert SamplingParams.from_generation_config({"temperature": 0.6, "top_p": 0.9}) == SamplingParams()
+    greedy = SamplingParams(max_tokens=512, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0)
+    assert SamplingParams.from_generation_config({}) == greedy
+    assert SamplingParams.from_generation_config({"temperature": 0.6, "top_p": 0.9}) == greedy
     got = SamplingParams.from_generation_config({"do_sample": True, "temperature": 0.6, "top_p": 0.9,
-                                                 "repetition_penalty": 1.1, "top_k": None})
-    assert got == SamplingParams(temperature=0.6, top_k=50, top_p=0.9, min_p=0.0, repetition_penalty=1.1)
+                                                 "repetition_penalty": 1.1, "top_k": None, "max_new_tokens": 7})
+    assert got == SamplingParams(max_tokens=7, temperature=0.6, top_k=50, top_p=0.9, min_p=0.0,
+                                 repetition_penalty=1.1)
     assert got.override(temperature=0.0, top_k=None).temperature == 0.0
     assert got.override(temperature=0.0, top_k=None).top_k == 50
     assert SamplingParams(repetition_penalty=1.3).logits_processors()
     assert SamplingParams().logits_processors() == []
+
+
+def test_resolve_keeps_what_was_given_and_fills_the_rest():
+    config = {"do_sample": True, "temperature": 0.6, "max_new_tokens": 9}
+    got = SamplingParams(temperature=0.0, seed=3, stop=["\n"]).resolve(config)
+    assert got == SamplingParams(max_tokens=9, temperature=0.0, top_k=50, top_p=1.0, min_p=0.0,
+                                 repetition_penalty=1.0, seed=3, stop=("\n",))
+    assert SamplingParams().resolve({}) == SamplingParams.from_generation_config({})
+
+
+def test_stop_is_a_tuple_of_strings():
+    assert SamplingParams(stop=["a", "b"]).stop == ("a", "b")
+    assert SamplingParams(stop="\n\n").stop == ("\n\n",)  # one string is one stop string, not its characters
+    assert hash(SamplingParams(stop=["a"])) == hash(SamplingParams(stop=("a",)))
+
+
+@pytest.mark.parametrize("field, bad, good, message", [
+    ("max_tokens", -1, 0, "max_tokens: -1 is out of range (max_tokens >= 0)"),
+    ("temperature", -0.5, 0.0, "temperature: -0.5 is out of range (temperature >= 0)"),
+    ("top_k", -1, 0, "top_k: -1 is out of range (top_k >= 0)"),
+    ("top_p", 0.0, 1.0, "top_p: 0.0 is out of range (0 < top_p <= 1)"),
+    ("top_p", 1.5, 1e-6, "top_p: 1.5 is out of range (0 < top_p <= 1)"),
+    ("min_p", 1.0, 0.0, "min_p: 1.0 is out of range (0 <= min_p < 1)"),
+    ("repetition_penalty", 0.0, 0.1, "repetition_penalty: 0.0 is out of range (repetition_penalty > 0)"),
+    ("temperature", float("nan"), 2.0, "temperature: nan is out of range (temperature >= 0)"),
+])
+def test_each_range_is_checked_on_construction(field, bad, good, message):
+    SamplingParams(**{field: good})
+    with pytest.raises(SamplingError) as err:
+        SamplingParams(**{field: bad})
+    assert str(err.value) == message and (err.value.param, err.value.value) == (field, bad)
+    assert isinstance(err.value, UsageError) and isinstance(err.value, ValueError) and err.value.exit_code == 2
+    with pytest.raises(SamplingError):
+        SamplingParams().override(**{field: bad})
+
+
+def test_a_bad_generation_config_blames_the_file():
+    with pytest.raises(ConfigError, match=r"generation_config.json: top_p: 2.0 is out of range"):
+        SamplingParams.from_generation_config({"do_sample": True, "top_p": 2.0})
