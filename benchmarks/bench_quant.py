@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from jamba_cli import quant  # noqa: E402
 from jamba_cli.cache import make_cache  # noqa: E402
 from jamba_cli.config import JambaConfig  # noqa: E402
-from jamba_cli.devices import human_bytes  # noqa: E402
+from jamba_cli.terminal import format_bytes  # noqa: E402
 from jamba_cli.generation import generate_step, on_single_gpu  # noqa: E402
 from jamba_cli.errors import JambaError  # noqa: E402
 from jamba_cli.loader import DTYPE_NAMES, place  # noqa: E402
@@ -135,7 +135,7 @@ def run_mode(mode: str, config: JambaConfig, dtype: torch.dtype, args) -> tuple[
         "mode": mode,
         "load_s": round(load_s, 3),
         "weights_bytes": quant.footprint(model),
-        "weights": ", ".join(f"{where} {human_bytes(n)}" for where, n in quant.footprint(model).items()),
+        "weights": ", ".join(f"{where} {format_bytes(n, binary=True)}" for where, n in quant.footprint(model).items()),
         "peak_allocated_during_load_bytes": peak_load,
         "peak_allocated_bytes": {f"cuda:{i}": torch.cuda.max_memory_allocated(i)
                                  for i in range(torch.cuda.device_count())},

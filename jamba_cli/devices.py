@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .errors import DeviceMapError
+from .terminal import format_bytes
 
 AUTO_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 NO_SPLIT = ["DecoderLayer"]  # a layer's residual stream stays on one device; the forward moves it between layers
@@ -27,12 +28,12 @@ _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
 
 
 def parse_max_memory(text: str) -> dict[int | str, int]:
-    """'0=70GiB,1=80GiB,cpu=200GiB' (the --max-memory form) -> {0: bytes, 1: bytes, 'cpu': bytes}."""
+    """'0=70GiB,1=80GiB,cpu=200GiB' (`max_memory` as a string) -> {0: bytes, 1: bytes, 'cpu': bytes}."""
     out = {}
     for item in (s.strip() for s in text.split(",")):
         key, sep, size = item.partition("=")
         if not sep or not key.strip() or not size.strip():
-            raise DeviceMapError(f"--max-memory entry {item!r} is not DEVICE=SIZE (e.g. 0=70GiB,cpu=200GiB)")
+            raise DeviceMapError(f"`max_memory` entry {item!r} is not DEVICE=SIZE (e.g. 0=70GiB,cpu=200GiB)")
         out[key.strip().lower()] = size.strip()
     return budget_bytes(out)
 
@@ -42,10 +43,10 @@ def budget_bytes(budget: dict) -> dict[int | str, int]:
     form accelerate takes: GPU indices and byte counts."""
     out = {}
     for key, size in budget.items():
-        device = device_name(key, "--max-memory")
+        device = device_name(key, "`max_memory`")
         m = re.fullmatch(r"(\d+(?:\.\d*)?)\s*([kmgt]i?b|b)?", str(size).strip().lower())
         if isinstance(size, bool) or not m:
-            raise DeviceMapError(f"--max-memory size {size!r} for {device} is not a size like 70GiB or 500MB")
+            raise DeviceMapError(f"`max_memory` size {size!r} for {device} is not a size like 70GiB or 500MB")
         out[int(device[5:]) if device.startswith("cuda:") else device] = \
             int(float(m.group(1)) * _UNITS[m.group(2) or ""])
     return out
@@ -74,12 +75,13 @@ def device_name(value, what: str) -> str:
     return str(device)
 
 
-def explicit(model: nn.Module, device_map) -> DeviceMap:
-    """A device, a dict, or the path of a JSON file holding one, checked against the model's module names."""
+def explicit(model: nn.Module, device_map, what: str = "`device_map`") -> DeviceMap:
+    """A device, a dict, or the path of a JSON file holding one, checked against the model's module names;
+    `what` names the argument it came from in an error."""
     if isinstance(device_map, (str, os.PathLike)) and (str(device_map).endswith(".json") or Path(device_map).is_file()):
         device_map = _read_json(Path(device_map))
     if not isinstance(device_map, dict):
-        return {"": device_name(device_map, "--device-map")}
+        return {"": device_name(device_map, what)}
     names = {n for n, _ in model.named_modules()} | {n for n, _ in model.named_parameters()}
     n_layers = model.config.num_hidden_layers
     out = {}
@@ -147,21 +149,18 @@ def check_budget(sizes: dict[str, float], where: dict[str, str], budget: dict | 
         need[device] = need.get(device, 0) + sizes[name]
     if "disk" in need and offload_folder is None:
         if not automatic:
-            raise DeviceMapError("the device map sends weights to disk: pass --offload-folder")
-        allowed = "the free memory" if budget is None else "--max-memory (" + ", ".join(
-            f"{device_name(k, 'max memory')} {human_bytes(v)}" for k, v in budget.items()) + ")"
-        raise DeviceMapError(f"not enough memory: the weights need {human_bytes(sum(sizes.values()))} and "
-                             f"{human_bytes(need['disk'])} of them do not fit in {allowed}; raise it, quantize, "
-                             f"or pass --offload-folder")
+            raise DeviceMapError("the device map sends weights to disk: pass `offload_folder`")
+        allowed = "the free memory" if budget is None else "`max_memory` (" + ", ".join(
+            f"{device_name(k, '`max_memory`')} {_gib(v)}" for k, v in budget.items()) + ")"
+        raise DeviceMapError(f"not enough memory: the weights need {_gib(sum(sizes.values()))} and "
+                             f"{_gib(need['disk'])} of them do not fit in {allowed}; raise it, quantize, "
+                             f"or pass `offload_folder`")
     for key, allowed in (budget or {}).items():
-        device = device_name(key, "max memory")
+        device = device_name(key, "`max_memory`")
         if need.get(device, 0) > allowed:
-            raise DeviceMapError(f"not enough memory: the device map puts {human_bytes(need[device])} of weights "
-                                 f"on {device} but --max-memory allows {human_bytes(allowed)} there")
+            raise DeviceMapError(f"not enough memory: the device map puts {_gib(need[device])} of weights "
+                                 f"on {device} but `max_memory` allows {_gib(allowed)} there")
 
 
-def human_bytes(n: float) -> str:
-    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{n:.0f} B"
+def _gib(n: float) -> str:
+    return format_bytes(n, binary=True)  # in the units budgets are usually written in (70GiB)

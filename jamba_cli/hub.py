@@ -23,7 +23,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import HubError
+from .terminal import format_bytes
 
+REPO_ID = re.compile(r"[\w.-]+/[\w.-]+")  # ORG/NAME: what `jamba -m` and `load` take for a Hub repo
 DEFAULT_INCLUDE = ["*.safetensors", "*.json", "tokenizer*", "*.jinja"]  # no .bin/.pt/GGUF duplicates
 _COMMIT = re.compile(r"[0-9a-f]{40}")
 _TRUE = {"1", "ON", "YES", "TRUE"}
@@ -118,7 +120,7 @@ def download(repo_id: str, filenames: list[str] | None = None, *, revision: str 
     from huggingface_hub import constants, snapshot_download
 
     if local_dir is not None and cache_dir is not None:
-        raise HubError("use either a local dir or a cache dir, not both")
+        raise HubError("use either `local_dir` or `cache_dir`, not both")
     endpoint = _endpoint()
     offline = offline or constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in _TRUE
     where = dict(cache_dir=str(_cache_root(cache_dir)), local_dir=None if local_dir is None else str(local_dir))
@@ -137,8 +139,8 @@ def download(repo_id: str, filenames: list[str] | None = None, *, revision: str 
         need = sum(files[n].size or 0 for n in todo)
         layout.root.mkdir(parents=True, exist_ok=True)
         if need > (free := shutil.disk_usage(layout.root).free):
-            raise HubError(f"not enough disk space in {layout.root}: {need / 1e9:.1f} GB needed, "
-                           f"{free / 1e9:.1f} GB free")
+            raise HubError(f"not enough disk space in {layout.root}: {format_bytes(need)} needed, "
+                           f"{format_bytes(free)} free")
         with _progress_bar(progress, need) as advance:
             for name in todo:
                 _fetch(repo_id, commit, name, files[name], layout, token, endpoint, advance)
@@ -292,10 +294,10 @@ def _hub_errors(repo_id: str, revision: str | None, endpoint: str):
     except HubError:
         raise
     except e.GatedRepoError:
-        raise HubError(f"{repo_id} is gated: accept its terms at {endpoint}/{repo_id}, then pass --token "
+        raise HubError(f"{repo_id} is gated: accept its terms at {endpoint}/{repo_id}, then pass `token` "
                        "or set HF_TOKEN") from None
     except e.RepositoryNotFoundError:
-        raise HubError(f"repository {repo_id} not found on {endpoint} (if it is private, pass --token or set "
+        raise HubError(f"repository {repo_id} not found on {endpoint} (if it is private, pass `token` or set "
                        "HF_TOKEN)") from None
     except e.RevisionNotFoundError:
         raise HubError(f"revision {revision!r} not found in {repo_id}") from None
@@ -306,7 +308,7 @@ def _hub_errors(repo_id: str, revision: str | None, endpoint: str):
     except e.HfHubHTTPError as err:
         status = getattr(err.response, "status_code", None)
         if status in (401, 403):
-            raise HubError(f"not authorised to download {repo_id} (HTTP {status}): check --token or "
+            raise HubError(f"not authorised to download {repo_id} (HTTP {status}): check `token` or "
                            "HF_TOKEN") from None
         raise HubError(f"{endpoint} answered HTTP {status} for {repo_id}; {again}") from None
     except e.HFValidationError:

@@ -27,7 +27,9 @@ import torch
 
 from . import devices, quant
 from .config import JambaConfig
-from .errors import CheckpointError, ConfigError, DeviceMapError, JambaError
+from .defaults import INT8_SKIP, INT8_THRESHOLD
+from .errors import CheckpointError, DeviceMapError, JambaError, UsageError
+from .hub import REPO_ID
 from .kernels import KernelOptions
 from .model import JambaForCausalLM
 from .tokenizer import Tokenizer, load_tokenizer
@@ -96,9 +98,11 @@ def read_header(path: Path) -> dict[str, TensorEntry]:
 BUNDLED_MODEL = "jamba-tiny-shakespeare"  # trained by tools/train_tiny.py, shipped in the wheel
 
 
-def bundled_model_dir() -> Path:
-    """The directory of the small Jamba shipped with the package, the default model."""
-    return Path(__file__).resolve().parent / "assets" / BUNDLED_MODEL
+def bundled_model_dir() -> Path | None:
+    """The directory of the small Jamba shipped with the package (the default model), or None in a build
+    that leaves it out."""
+    directory = Path(__file__).resolve().parent / "assets" / BUNDLED_MODEL
+    return directory if (directory / "config.json").is_file() else None
 
 
 def resolve(path_or_repo: str | os.PathLike, revision: str | None = None) -> Path:
@@ -109,7 +113,7 @@ def resolve(path_or_repo: str | os.PathLike, revision: str | None = None) -> Pat
     name = str(path_or_repo)
     if p.exists():
         raise CheckpointError(f"{name} is a file; point at the checkpoint directory")
-    if re.fullmatch(r"[\w.-]+/[\w.-]+", name):
+    if REPO_ID.fullmatch(name):
         from huggingface_hub import snapshot_download
         from huggingface_hub.errors import LocalEntryNotFoundError
         try:
@@ -319,7 +323,7 @@ def place(model: JambaForCausalLM, *, dtype: torch.dtype | None = None, device=N
     Nothing is allocated: call `allocate()` on the result, then write each weight through `target`/`written`.
     """
     if device is not None and device_map is not None:
-        raise DeviceMapError("pass either a device or a device map, not both")
+        raise DeviceMapError("pass either `device` or `device_map`, not both")
     budget = devices.parse_max_memory(max_memory) if isinstance(max_memory, str) else \
         devices.budget_bytes(max_memory) if max_memory else None
     if device_map is None:  # a budget alone asks for a planned map
@@ -331,7 +335,7 @@ def place(model: JambaForCausalLM, *, dtype: torch.dtype | None = None, device=N
         dtype = dtype or default_dtype(model.config, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
         device_map = devices.automatic(model, device_map, budget, dtype, special)
     else:
-        device_map = devices.explicit(model, device_map)
+        device_map = devices.explicit(model, device_map, "`device`" if device is not None else "`device_map`")
         first = next((d for d in device_map.values() if d not in ("cpu", "disk")), "cpu")
         dtype = dtype or default_dtype(model.config, torch.device(first))
     where = devices.assign(model, device_map)
@@ -422,12 +426,30 @@ def _set_param(model: torch.nn.Module, name: str, value: torch.nn.Parameter) -> 
     setattr(model.get_submodule(module_name), attr, value)
 
 
+def quant_config(load_in_8bit: bool = False, load_in_4bit: bool = False,
+                 int8_skip: tuple[str, ...] | str = INT8_SKIP,
+                 int8_threshold: float = INT8_THRESHOLD) -> quant.QuantConfig | None:
+    """The bitsandbytes quantization that `load` applies for these arguments (see there), or None.
+
+    Raises:
+        UsageError: both 8-bit and 4-bit, or a negative threshold.
+        DependencyError: bitsandbytes is not installed.
+    """
+    if load_in_8bit and load_in_4bit:
+        raise UsageError("`load_in_8bit` and `load_in_4bit` exclude each other")
+    if not (load_in_8bit or load_in_4bit):
+        return None
+    quant.require_bnb()
+    skip = quant.parse_skip(int8_skip) if isinstance(int8_skip, str) else tuple(int8_skip)
+    return quant.QuantConfig(8 if load_in_8bit else 4, skip, int8_threshold)
+
+
 def load(path_or_repo: str | os.PathLike | None = None, *, dtype: torch.dtype | str | None = None,
          device: torch.device | str | None = None, revision: str | None = None,
          progress: Progress | None = None, device_map: str | dict | os.PathLike | None = None,
          max_memory: dict | str | None = None, offload_folder: str | os.PathLike | None = None,
-         load_in_8bit: bool = False, load_in_4bit: bool = False, int8_skip: tuple[str, ...] | str = quant.DEFAULT_SKIP,
-         int8_threshold: float = 6.0, kernels: KernelOptions | str | None = None
+         load_in_8bit: bool = False, load_in_4bit: bool = False, int8_skip: tuple[str, ...] | str = INT8_SKIP,
+         int8_threshold: float = INT8_THRESHOLD, kernels: KernelOptions | str | None = None
          ) -> tuple[JambaForCausalLM, Tokenizer]:
     """Load a Jamba model and its tokenizer.
 
@@ -451,20 +473,17 @@ def load(path_or_repo: str | os.PathLike | None = None, *, dtype: torch.dtype | 
             its backend); default: the active ones (`kernels.using`).
 
     Returns:
-        (model, tokenizer). Raises a JambaError subclass with a one-line message.
+        (model, tokenizer). Raises a JambaError subclass with a one-line message: UsageError (or its
+        DeviceMapError) for arguments that cannot work together, CheckpointError or ConfigError for files.
     """
     if isinstance(dtype, str):
         if dtype.lower() not in DTYPE_NAMES:
-            raise ConfigError(f"unknown dtype {dtype!r}; use bf16, fp16 or fp32")
+            raise UsageError(f"unknown `dtype` {dtype!r}; use bf16, fp16 or fp32")
         dtype = DTYPE_NAMES[dtype.lower()]
-    if load_in_8bit and load_in_4bit:
-        raise ConfigError("choose one of 8-bit and 4-bit loading")
-    quant_config = None
-    if load_in_8bit or load_in_4bit:
-        quant.require_bnb()
-        skip = quant.parse_skip(int8_skip) if isinstance(int8_skip, str) else tuple(int8_skip)
-        quant_config = quant.QuantConfig(8 if load_in_8bit else 4, skip, int8_threshold)
+    quantization = quant_config(load_in_8bit, load_in_4bit, int8_skip, int8_threshold)
     directory = bundled_model_dir() if path_or_repo is None else resolve(path_or_repo, revision)
+    if directory is None:
+        raise CheckpointError("this build of jamba-cli ships no model: give a checkpoint directory or repo id")
     if not (directory / "config.json").exists():
         raise CheckpointError(f"no config.json in {directory}")
     tokenizer = load_tokenizer(directory)
@@ -472,8 +491,8 @@ def load(path_or_repo: str | os.PathLike | None = None, *, dtype: torch.dtype | 
         try:
             kernels = KernelOptions(backend=kernels)
         except ValueError as e:
-            raise ConfigError(str(e)) from None
+            raise UsageError(str(e)) from None
     model = load_model(directory, dtype=dtype, device=device, device_map=device_map, max_memory=max_memory,
-                       offload_folder=offload_folder, quant_config=quant_config, progress=progress)
+                       offload_folder=offload_folder, quant_config=quantization, progress=progress)
     model.kernel_options = kernels
     return model, tokenizer

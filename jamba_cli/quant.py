@@ -20,10 +20,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .errors import ConfigError, DependencyError
+from .defaults import INT8_SKIP as DEFAULT_SKIP
+from .defaults import INT8_THRESHOLD
+from .errors import DependencyError, UsageError
 from .model import Experts, JambaForCausalLM, Linear
 
-DEFAULT_SKIP = ("mamba", "router", "lm_head")
 DIRECT_WEIGHTS = ("mamba.in_proj", "mamba.dt_proj")  # read as tensors by MambaMixer, so never swapped
 
 
@@ -31,13 +32,13 @@ DIRECT_WEIGHTS = ("mamba.in_proj", "mamba.dt_proj")  # read as tensors by MambaM
 class QuantConfig:
     bits: int  # 8: LLM.int8 with outlier columns in 16-bit; 4: nf4 with double-quantized block scales
     skip: tuple[str, ...] = DEFAULT_SKIP
-    threshold: float = 6.0  # int8 only: activation columns with any |x| above this stay in 16-bit
+    threshold: float = INT8_THRESHOLD  # int8 only: activation columns with any |x| above this stay in 16-bit
 
     def __post_init__(self):
         if self.bits not in (4, 8):
-            raise ConfigError(f"quantization is 8 or 4 bits, not {self.bits}")
+            raise UsageError(f"quantization is 8 or 4 bits, not {self.bits}")
         if not self.threshold >= 0:
-            raise ConfigError(f"the int8 threshold must be >= 0, got {self.threshold}")
+            raise UsageError(f"`int8_threshold` must be >= 0, got {self.threshold}")
 
 
 def parse_skip(text: str) -> tuple[str, ...]:

@@ -60,12 +60,14 @@ class Interrupt:
         signal.signal(signal.SIGINT, self._previous)
 
 
-def format_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
+def format_bytes(n: float, binary: bool = False) -> str:
+    """`n` bytes in the largest unit it reaches, to one decimal: KB, MB, GB (powers of 1000), or with
+    `binary` KiB, MiB, GiB, TiB (powers of 1024)."""
+    base, units = (1024, ("B", "KiB", "MiB", "GiB", "TiB")) if binary else (1000, ("B", "KB", "MB", "GB"))
+    for unit in units:
+        if n < base or unit == units[-1]:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return ""
+        n /= base
 
 
 def stats_line(stats, finish_reason: str | None, load_s: float | None, device_type: str) -> str:

@@ -114,7 +114,7 @@ class Tokenizer:
             source = source.get("tool_use") if tools is not None and "tool_use" in source else source.get("default")
         if source is None:
             if not self.has_builtin_chat_format:
-                raise ChatTemplateError("this checkpoint has no chat template; use --raw for plain text prompts")
+                raise ChatTemplateError("this checkpoint has no chat template; give the prompt as text, not messages")
             if tools or documents or kwargs:
                 raise ChatTemplateError("tools and documents need the checkpoint's own chat template")
             return _jamba_format(messages, add_generation_prompt, self.bos_token)

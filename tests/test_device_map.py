@@ -87,20 +87,20 @@ def test_parse_max_memory():
     ({"model.layers.0.attention": "cpu"}, None, False,
      "device map names 'model.layers.0.attention', which is not a module of this model"),
     ({"": 0}, None, False, "device map entry '': there is no cuda:0 (no GPU is visible)"),
-    ("cuda:3", None, False, "--device-map: there is no cuda:3 (no GPU is visible)"),
+    ("cuda:3", None, False, "`device_map`: there is no cuda:3 (no GPU is visible)"),
     ({"": "gpu0"}, None, False,
      "device map entry '': 'gpu0' is not a device (use a GPU index, cuda:N, cpu or disk)"),
-    ("fastest", None, False, "--device-map: 'fastest' is not a device (use a GPU index, cuda:N, cpu or disk)"),
+    ("fastest", None, False, "`device_map`: 'fastest' is not a device (use a GPU index, cuda:N, cpu or disk)"),
     ({k: v for k, v in layer_map(16, lambda i: "cpu").items() if k != "model.layers.7"}, None, False,
      "device map leaves model.layers.7 unmapped; give it a device"),
     ({"": "cpu", "model.layers.3.feed_forward": "disk"}, None, True,
      "device map splits model.layers.3 over cpu and disk; give each layer one device"),
-    ({"": "cpu", "lm_head": "disk"}, None, False, "the device map sends weights to disk: pass --offload-folder"),
+    ({"": "cpu", "lm_head": "disk"}, None, False, "the device map sends weights to disk: pass `offload_folder`"),
     ("auto", "cpu=1MB", False, "not enough memory: the weights need "),
     ({"": "cpu"}, {"cpu": "1MB"}, False, "not enough memory: the device map puts "),
-    ("cpu", "cpu=2MB,7=1GiB", False, "--max-memory: there is no cuda:7 (no GPU is visible)"),
-    ("auto", "cpu:2GiB", False, "--max-memory entry 'cpu:2GiB' is not DEVICE=SIZE (e.g. 0=70GiB,cpu=200GiB)"),
-    ("auto", "cpu=lots", False, "--max-memory size 'lots' for cpu is not a size like 70GiB or 500MB"),
+    ("cpu", "cpu=2MB,7=1GiB", False, "`max_memory`: there is no cuda:7 (no GPU is visible)"),
+    ("auto", "cpu:2GiB", False, "`max_memory` entry 'cpu:2GiB' is not DEVICE=SIZE (e.g. 0=70GiB,cpu=200GiB)"),
+    ("auto", "cpu=lots", False, "`max_memory` size 'lots' for cpu is not a size like 70GiB or 500MB"),
 ])
 def test_bad_placement_is_one_clear_line(checkpoints, tmp_path, device_map, max_memory, offload, message):
     if torch.cuda.is_available() and "GPU" in message:
@@ -112,7 +112,7 @@ def test_bad_placement_is_one_clear_line(checkpoints, tmp_path, device_map, max_
     assert str(err.value).startswith(message)
     assert "\n" not in str(err.value)
     if message.startswith("not enough memory: the weights"):
-        assert str(err.value).endswith("raise it, quantize, or pass --offload-folder")
+        assert str(err.value).endswith("raise it, quantize, or pass `offload_folder`")
 
 
 def test_bad_json_map_file(checkpoints, tmp_path):
@@ -126,7 +126,7 @@ def test_bad_json_map_file(checkpoints, tmp_path):
 
 
 def test_device_and_device_map_together(checkpoints):
-    with pytest.raises(DeviceMapError, match="^pass either a device or a device map, not both$"):
+    with pytest.raises(DeviceMapError, match="^pass either `device` or `device_map`, not both$"):
         load(checkpoints["mini"][0], device="cpu", device_map="auto")
     with pytest.raises(DeviceMapError, match="^not enough memory: the device map puts .* on cpu"):
         load(checkpoints["mini"][0], device="cpu", max_memory="cpu=1MB")  # a budget checks a plain device too

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from jamba_cli.errors import CheckpointError, ConfigError
+from jamba_cli.errors import CheckpointError, ConfigError, UsageError
 from jamba_cli.loader import load
 from conftest import CONFIGS, make_hf_model, save_checkpoint
 
@@ -76,7 +76,7 @@ def test_dtype_choice(ckpt):
     assert load(ckpt, dtype="bf16", device="cpu")[0].model.layers[1].mamba.in_proj.weight.dtype == torch.bfloat16
     assert load(ckpt, dtype=torch.float16, device="cpu")[0].dtype == torch.float16
     assert load(ckpt, device="cpu")[0].dtype == torch.float32  # tiny model on CPU: fp32 by default
-    with pytest.raises(ConfigError, match="unknown dtype 'int3'"):
+    with pytest.raises(UsageError, match="unknown `dtype` 'int3'"):
         load(ckpt, dtype="int3")
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from jamba_cli.errors import ConfigError, DependencyError
+from jamba_cli.errors import DependencyError, UsageError
 from jamba_cli.loader import load
 from jamba_cli.model import Linear
 from jamba_cli.quant import QuantExperts, footprint
@@ -181,13 +181,14 @@ def test_missing_bitsandbytes_is_one_line(checkpoints, monkeypatch):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(load_in_8bit=True, load_in_4bit=True), "choose one of 8-bit and 4-bit loading"),
-    (dict(load_in_8bit=True, int8_threshold=-1.0), "the int8 threshold must be >= 0, got -1.0"),
+    (dict(load_in_8bit=True, load_in_4bit=True), "`load_in_8bit` and `load_in_4bit` exclude each other"),
+    (dict(load_in_8bit=True, int8_threshold=-1.0), "`int8_threshold` must be >= 0, got -1.0"),
 ])
 def test_bad_quantization_options(checkpoints, kwargs, message):
-    with pytest.raises(ConfigError) as err:
+    # usage errors, as from the CLI (exit status 2 there: test_cli.test_usage_errors_exit_2)
+    with pytest.raises(UsageError) as err:
         load(checkpoints["mini"][0], **kwargs)
-    assert str(err.value) == message
+    assert str(err.value) == message and err.value.exit_code == 2
 
 
 @pytest.mark.gpu
