@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING
 
+from .defaults import MAX_TOKENS
 from .errors import ConfigError, SamplingError
 
 if TYPE_CHECKING:
@@ -17,8 +18,6 @@ if TYPE_CHECKING:
 
 Sampler = Callable[["torch.Tensor"], "torch.Tensor"]  # logits (B, V) -> tokens (B,)
 LogitsProcessor = Callable[["torch.Tensor", "torch.Tensor"], "torch.Tensor"]  # (history (B, L), logits) -> logits
-
-DEFAULT_MAX_TOKENS = 512  # when neither the caller nor generation_config.json says
 
 # The ranges of the options, checked here and nowhere else: option -> (test, rule with {} for the option's name).
 RANGES = {
@@ -102,7 +101,8 @@ class SamplingParams:
     """How to sample a reply: the one value the CLI, the chat session and the Python API pass around.
 
     A field left None takes the checkpoint's generation_config.json (`resolve`), else greedy decoding and
-    512 new tokens at most. The ranges are checked on construction (SamplingError, a ValueError).
+    `defaults.MAX_TOKENS` (512) new tokens at most. The ranges are checked on construction (SamplingError,
+    a ValueError).
     """
 
     max_tokens: int | None = None  # most tokens to sample
@@ -116,8 +116,8 @@ class SamplingParams:
     ignore_eos: bool = False  # keep going past end-of-text tokens
 
     def __post_init__(self):
-        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
-        object.__setattr__(self, "stop", stop)  # a list is taken too; stored as a tuple, so the value hashes
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        object.__setattr__(self, "stop", stop)  # a list or None is taken too; a tuple is kept, so the value hashes
         check_ranges(**{name: getattr(self, name) for name in RANGES})
 
     @classmethod
@@ -138,7 +138,7 @@ class SamplingParams:
             temperature=float(get("temperature", 1.0)), top_k=int(get("top_k", 50)), top_p=float(get("top_p", 1.0)),
             min_p=float(get("min_p", 0.0)))
         try:
-            return cls(max_tokens=int(config.get("max_new_tokens") or DEFAULT_MAX_TOKENS),
+            return cls(max_tokens=int(config.get("max_new_tokens") or MAX_TOKENS),
                        repetition_penalty=float(get("repetition_penalty", 1.0)), **knobs)
         except SamplingError as e:
             raise ConfigError(f"generation_config.json: {e}") from None
