@@ -25,10 +25,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import build, shape_config  # noqa: E402
 
 from jamba_cli.cache import make_cache  # noqa: E402
-from jamba_cli.chat import ChatSession, ChatSettings  # noqa: E402
+from jamba_cli.chat import ChatSession  # noqa: E402
 from jamba_cli.config import JambaConfig  # noqa: E402
 from jamba_cli.loader import bundled_model_dir  # noqa: E402
 from jamba_cli.model import JambaForCausalLM  # noqa: E402
+from jamba_cli.sample import SamplingParams  # noqa: E402
 from jamba_cli.tokenizer import load_tokenizer  # noqa: E402
 
 QUESTIONS = ["Tell me of the king.", "And what said the queen?", "Who stood by the gate?", "What came next?",
@@ -37,7 +38,7 @@ QUESTIONS = ["Tell me of the king.", "And what said the queen?", "Who stood by t
 
 def turns(model, tokenizer, static: bool, n_turns: int, tokens: int, context: int) -> list[dict]:
     s = ChatSession(model, tokenizer, name="bench", context_size=context,
-                    settings=ChatSettings(max_tokens=tokens, temperature=0.0, ignore_eos=True))
+                    sampling=SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True))
     if not static:
         s.cache = make_cache(model.config, 1, dtype=model.dtype, device="cuda")
     out = []

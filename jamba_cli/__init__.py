@@ -2,7 +2,8 @@
 
     model, tokenizer = jamba_cli.load("path/or/repo-id")
     print(jamba_cli.generate(model, tokenizer, "Hello", max_tokens=32))
-    for chunk in jamba_cli.stream_generate(model, tokenizer, [{"role": "user", "content": "Hi"}]):
+    sampling = jamba_cli.SamplingParams(temperature=0.7, top_p=0.9, seed=1)
+    for chunk in jamba_cli.stream_generate(model, tokenizer, [{"role": "user", "content": "Hi"}], sampling):
         print(chunk.text, end="", flush=True)
 
 Attributes are imported on first use so that `import jamba_cli` (and `jamba --help`) stays free of torch.
@@ -19,14 +20,13 @@ _LAZY = {
     "GenerationStats": ("generation", "GenerationStats"),
     "SamplingParams": ("sample", "SamplingParams"),
     "StreamingDetokenizer": ("tokenizer", "StreamingDetokenizer"),
+    "ChatSession": ("chat", "ChatSession"),
     "make_cache": ("cache", "make_cache"),
     "JambaConfig": ("config", "JambaConfig"),
     "JambaForCausalLM": ("model", "JambaForCausalLM"),
-    "JambaError": ("errors", "JambaError"),
-    "CheckpointError": ("errors", "CheckpointError"),
-    "ConfigError": ("errors", "ConfigError"),
-    "DeviceMapError": ("errors", "DeviceMapError"),
-    "DependencyError": ("errors", "DependencyError"),
+    **{name: ("errors", name) for name in (
+        "JambaError", "UsageError", "SamplingError", "DeviceMapError", "ConfigError", "CheckpointError",
+        "ChatTemplateError", "ContextOverflowError", "PromptCacheError", "HubError", "DependencyError")},
 }
 
 __all__ = ["__version__", *_LAZY]

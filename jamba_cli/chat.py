@@ -1,8 +1,9 @@
-"""`jamba chat`: a conversation whose model state only ever moves forward, and the REPL around it.
+"""A conversation with the model whose state only ever moves forward: the library side of `jamba chat`.
 
 The hybrid cache cannot be trimmed (a Mamba state cannot forget a token), so each turn feeds only the
-tokens the cache has not seen. Before a reply the cache is snapshotted; /regen, and a re-rendered
+tokens the cache has not seen. Before a reply the cache is snapshotted; `regenerate`, and a re-rendered
 history that no longer extends what the cache saw, restart from that snapshot instead of from zero.
+Nothing here prints: the REPL (repl.py) shows what a session returns and raises.
 """
 
 from __future__ import annotations
@@ -10,85 +11,42 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import sys
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 import torch
 
 from .cache import make_cache
-from .errors import JambaError
-from .generation import ContextOverflowError, GenerationChunk, on_single_gpu, stream_generate
+from .errors import ChatTemplateError, ContextOverflowError, JambaError
+from .generation import GenerationChunk, on_single_gpu, stream_generate
 from .quant import is_quantized
-from .terminal import Interrupt, stats_line
+from .sample import SamplingParams
 
 FORMAT = "jamba-chat/1"
-EXIT_COMMANDS = ("/bye", "/exit", "/quit")
-COMMANDS = ("/help", *EXIT_COMMANDS, "/clear", "/system", "/set", "/show", "/regen", "/read", "/save", "/load")
-HELP = """Commands:
-  /help                 this help
-  /bye  /exit  /quit    leave (Ctrl+D too)
-  /clear                forget the conversation (the system prompt stays)
-  /system [TEXT]        set the system prompt; without TEXT, remove it
-  /set KEY VALUE        temperature, top_k, top_p, min_p, repetition_penalty, seed, max_tokens,
-                        stop (TEXT or off), ignore_eos (on/off), stats (on/off)
-  /show                 parameters, model, system prompt, context used
-  /regen                answer the last message again (a fresh sample; greedy gives the same)
-  /read FILE            send FILE's text with your next message
-  /save FILE            save the conversation as JSON, and the model state as FILE.state
-  /load FILE            continue a conversation saved with /save
-  \"\"\"                   start or end a multi-line message;  //text sends text that starts with /
-Ctrl+C stops a reply (the partial reply is kept); Ctrl+C twice quits."""
-
-
-@dataclass
-class ChatSettings:
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_k: int | None = None
-    top_p: float | None = None
-    min_p: float | None = None
-    repetition_penalty: float | None = None
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
-    ignore_eos: bool = False
-    stats: bool = False
-
-    def set(self, key: str, value: str) -> None:
-        """Set one knob from text (as typed after /set); raises JambaError on a bad key or value."""
-        key = {"temp": "temperature", "n": "max_tokens"}.get(key, key).replace("-", "_")
-        kinds = {f.name: f.type for f in fields(self)}  # annotations as strings: "int | None", "bool", ...
-        if key not in kinds:
-            raise JambaError(f"unknown setting {key!r}; settable: {', '.join(kinds)}")
-        try:
-            if key == "stop":
-                parsed = [] if value.lower() in ("", "off", "none") else [value]
-            elif kinds[key] == "bool":
-                parsed = {"on": True, "true": True, "1": True, "off": False, "false": False, "0": False}[value.lower()]
-            else:
-                parsed = (int if kinds[key].startswith("int") else float)(value)
-        except (KeyError, ValueError):
-            raise JambaError(f"bad value {value!r} for {key}") from None
-        if key in _IN_RANGE and not _IN_RANGE[key](parsed):
-            raise JambaError(f"{value} is out of range for {key}")
-        setattr(self, key, parsed)
-
-
-_IN_RANGE = {"temperature": lambda v: v >= 0, "top_p": lambda v: 0 < v <= 1, "min_p": lambda v: 0 <= v < 1,
-             "repetition_penalty": lambda v: v > 0, "max_tokens": lambda v: v >= 0, "top_k": lambda v: v >= 0}
 
 
 class ChatSession:
-    """Messages, the cache that has seen them (`seen` lists its tokens), and a snapshot before the last reply."""
+    """Messages, the cache that has seen them (`seen` lists its tokens), and a snapshot before the last reply.
 
-    def __init__(self, model, tokenizer, *, name: str, system: str | None = None,
-                 settings: ChatSettings | None = None, context_size: int | None = None):
+    Args:
+        name: what to call the model (saved with the conversation).
+        system: the system prompt.
+        sampling: how replies are sampled; its seed seeds every reply but those of `regenerate`.
+        context_size: most tokens the conversation may hold (default: the model's max_position_embeddings).
+
+    Raises:
+        ChatTemplateError: the tokenizer has no chat format.
+    """
+
+    def __init__(self, model, tokenizer, *, name: str = "", system: str | None = None,
+                 sampling: SamplingParams | None = None, context_size: int | None = None):
         if not tokenizer.has_chat_format:
-            raise JambaError("this model has no chat template, so it cannot chat; use: jamba run --raw")
+            raise ChatTemplateError("this model has no chat template, so it cannot chat")
         self.model, self.tokenizer, self.name = model, tokenizer, name
         self.system = system
-        self.settings = settings or ChatSettings()
+        self.sampling = sampling or SamplingParams()
+        self.stats = False  # whether the REPL prints a stats line after each reply; saved with the conversation
         self.context_size = context_size or model.config.max_position_embeddings
         self.messages: list[dict] = []
         # on one GPU the cache is static, sized by the context, so that every reply decodes as replays of
@@ -106,19 +64,31 @@ class ChatSession:
         self.seen: list[int] | None = []  # None: the cache's content is unknown (a turn died half way)
         self._snapshot = None
 
+    @property
+    def context_used(self) -> int:
+        """Tokens of the context the conversation holds now."""
+        return self.cache.offset
+
     def conversation(self) -> list[dict]:
         return ([{"role": "system", "content": self.system}] if self.system else []) + self.messages
 
     def ask(self, text: str, should_stop: Callable[[], bool]) -> Iterator[GenerationChunk]:
+        """Add a user message and stream the reply, which joins the conversation when it ends.
+
+        Raises:
+            ContextOverflowError: the conversation with this message does not fit the context; the message
+                is not kept.
+        """
         self.messages.append({"role": "user", "content": text})
-        return self._reply(should_stop, self.settings.seed)
+        return self._reply(should_stop, self.sampling)
 
     def regenerate(self, should_stop: Callable[[], bool]) -> Iterator[GenerationChunk]:
+        """Stream the last reply again, sampled with a fresh seed, in place of the old one."""
         if not self.messages or self.messages[-1]["role"] != "assistant" or self._snapshot is None:
             raise JambaError("there is no reply to regenerate")
         self.messages.pop()
         self._restore(self._snapshot)
-        return self._reply(should_stop, secrets.randbelow(2**31))
+        return self._reply(should_stop, replace(self.sampling, seed=secrets.randbelow(2**31)))
 
     @torch.inference_mode()
     def clear(self) -> None:
@@ -146,19 +116,15 @@ class ChatSession:
         self.seen = []
         return ids
 
-    def _reply(self, should_stop, seed) -> Iterator[GenerationChunk]:
+    def _reply(self, should_stop, sampling: SamplingParams) -> Iterator[GenerationChunk]:
         ids = self.tokenizer.encode_chat(self.conversation(), add_generation_prompt=True)
         new = self._unseen(ids)
         with torch.inference_mode():
             self._snapshot = (self.cache.snapshot(), list(self.seen))
-        s = self.settings
         sampled, pieces = [], []
         try:
-            for chunk in stream_generate(self.model, self.tokenizer, new, cache=self.cache, seed=seed,
-                                         context_size=self.context_size, should_stop=should_stop,
-                                         max_tokens=s.max_tokens, temperature=s.temperature, top_k=s.top_k,
-                                         top_p=s.top_p, min_p=s.min_p, repetition_penalty=s.repetition_penalty,
-                                         stop=s.stop, ignore_eos=s.ignore_eos):
+            for chunk in stream_generate(self.model, self.tokenizer, new, sampling, cache=self.cache,
+                                         context_size=self.context_size, should_stop=should_stop):
                 if chunk.token is not None:
                     sampled.append(chunk.token)
                 pieces.append(chunk.text)
@@ -173,10 +139,11 @@ class ChatSession:
         self.messages.append({"role": "assistant", "content": "".join(pieces).strip()})
 
     def save(self, path: Path) -> None:
+        """Write the conversation to `path` (JSON) and the model state next to it, as `path`.state."""
         from . import prompt_cache
 
         data = {"format": FORMAT, "model": self.name, "system": self.system, "messages": self.messages,
-                "settings": asdict(self.settings)}
+                "settings": {**asdict(self.sampling), "stats": self.stats}}
         tmp = path.with_name(f".{path.name}.tmp")
         try:
             tmp.write_text(json.dumps(data, ensure_ascii=False, indent=1), encoding="utf-8")
@@ -187,9 +154,17 @@ class ChatSession:
         if self.seen:
             prompt_cache.save(_state_path(path), self.model, self.cache, self.seen)
 
-    def load(self, path: Path, console) -> None:
-        """Take the conversation (and the model state, when FILE.state fits this model) from a /save file;
-        settings given on the command line win over saved ones."""
+    def load(self, path: Path) -> list[str]:
+        """Take the conversation from a `save` file, and the model state too when `path`.state fits this
+        model; settings already changed from their defaults (on the command line) win over saved ones.
+
+        Returns:
+            notes for the user: why the saved model state was not used (the conversation is then
+            recomputed on the next turn), or nothing.
+
+        Raises:
+            JambaError: the file is not a conversation saved by a chat session; the session is unchanged.
+        """
         from . import prompt_cache
 
         try:
@@ -197,204 +172,25 @@ class ChatSession:
             if data.get("format") != FORMAT:
                 raise ValueError
             messages = [{"role": str(m["role"]), "content": m["content"]} for m in data["messages"]]
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            saved = dict(data.get("settings") or {})
+            unset = SamplingParams()
+            sampling = replace(self.sampling, **{f.name: saved[f.name] for f in fields(SamplingParams)
+                                                 if f.name in saved and getattr(self.sampling, f.name)
+                                                 == getattr(unset, f.name)})
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):  # SamplingError is a ValueError
             raise JambaError(f"{path} is not a conversation saved by jamba chat") from None
         self.clear()
-        self.messages, self.system = messages, data.get("system") or self.system
-        default = ChatSettings()
-        for key, value in (data.get("settings") or {}).items():
-            if hasattr(default, key) and getattr(self.settings, key) == getattr(default, key):
-                setattr(self.settings, key, value)
+        self.messages, self.system, self.sampling = messages, data.get("system") or self.system, sampling
+        self.stats = self.stats or bool(saved.get("stats"))
         state = _state_path(Path(path))
         if state.exists():
             try:
                 with torch.inference_mode():  # as in _restore: the cache's buffers may be inference tensors
                     self.seen = prompt_cache.load(state, self.model, self.cache)
             except JambaError as e:
-                console.print(f"note: {e}; the conversation will be recomputed", style="yellow", soft_wrap=True)
+                return [f"{e}; the conversation will be recomputed"]
+        return []
 
 
 def _state_path(path: Path) -> Path:
     return path.with_name(path.name + ".state")
-
-
-def history_file() -> Path:
-    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
-    return Path(base) / "jamba" / "history"
-
-
-class _Input:
-    """Messages from the terminal (readline editing, history) or, when stdin is not a TTY, from its lines."""
-
-    def __init__(self, interactive: bool, history: bool):
-        self.interactive = interactive
-        self.history = None
-        self.readline = None
-        if interactive:
-            try:
-                import readline
-            except ImportError:  # Windows without pyreadline
-                return
-            self.readline = readline
-            readline.set_completer(lambda text, n: ([c for c in COMMANDS if c.startswith(text)] + [None])[n])
-            readline.set_completer_delims(" \t\n")
-            readline.parse_and_bind("bind ^I rl_complete" if "libedit" in (readline.__doc__ or "")
-                                    else "tab: complete")
-            if history:
-                self.history = history_file()
-                self.history.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-                os.close(os.open(self.history, os.O_CREAT | os.O_WRONLY | os.O_APPEND, 0o600))
-                os.chmod(self.history, 0o600)  # private even if it was created otherwise
-                readline.set_history_length(1000)
-                readline.read_history_file(self.history)
-
-    def line(self, prompt: str) -> str | None:
-        if not self.interactive:
-            line = sys.stdin.readline()
-            return None if line == "" else line.rstrip("\n")
-        try:
-            if sys.stdout.isatty():
-                text = input(prompt)
-            else:  # keep stdout for the replies
-                sys.stderr.write(prompt)
-                text = input()
-        except EOFError:
-            return None
-        if self.history is not None and text.strip():
-            self.readline.append_history_file(1, self.history)
-        return text
-
-    def message(self) -> str | None:
-        """One message: a line, or the lines between \"\"\" marks. None at end of input."""
-        line = self.line(">>> ")
-        if line is None or not line.startswith('"""'):
-            return line
-        rest = line[3:]
-        if len(rest) >= 3 and rest.rstrip().endswith('"""'):
-            return rest.rstrip()[:-3]
-        lines = [rest] if rest else []
-        while (more := self.line("... ")) is not None:
-            if more.rstrip().endswith('"""'):
-                if more.rstrip()[:-3]:
-                    lines.append(more.rstrip()[:-3])
-                break
-            lines.append(more)
-        return "\n".join(lines)
-
-    def buffer(self) -> str:
-        return self.readline.get_line_buffer() if self.readline else ""
-
-
-def repl(session: ChatSession, console, *, history: bool = True, load_s: float | None = None) -> int:
-    """Run the conversation until /bye or end of input; returns the exit status."""
-    interactive = sys.stdin.isatty()
-    reader = _Input(interactive, history)
-    if interactive:
-        console.print(f"{session.name} is ready. /help lists the commands; /bye or Ctrl+D leaves.", style="dim")
-    attachment = ""
-    while True:
-        try:
-            text = reader.message()
-        except KeyboardInterrupt:
-            if not interactive:
-                raise
-            console.print("" if reader.buffer().strip() else "(to leave: /bye or Ctrl+D)", style="dim")
-            continue
-        if text is None:
-            if interactive:
-                console.print()
-            return 0
-        if not text.strip():
-            continue
-        if text.startswith("/") and not text.startswith("//"):
-            command, _, arg = text.strip().partition(" ")
-            if command in EXIT_COMMANDS:
-                return 0
-            try:
-                if command == "/regen":
-                    _show_reply(session, console, session.regenerate)
-                elif command == "/read":
-                    attachment += _read_file(arg.strip())
-                    console.print(f"read {arg.strip()}; it goes with your next message", style="dim")
-                else:
-                    _command(session, console, command, arg.strip())
-            except JambaError as e:
-                console.print(f"error: {e}", style="red", soft_wrap=True, markup=False)
-            continue
-        if text.startswith("//"):
-            text = text[1:]
-        if attachment:
-            text, attachment = f"{attachment}\n\n{text}", ""
-        _show_reply(session, console, lambda stop: session.ask(text, stop))
-
-
-def _read_file(name: str) -> str:
-    if not name:
-        raise JambaError("usage: /read FILE")
-    try:
-        return Path(name).expanduser().read_text(encoding="utf-8", errors="replace")
-    except OSError as e:
-        raise JambaError(f"cannot read {name}: {e.strerror or e}") from None
-
-
-def _show_reply(session: ChatSession, console, start) -> None:
-    """Stream one reply to stdout; the first Ctrl+C stops it and keeps what was said."""
-    out = sys.stdout
-    last = None
-    with Interrupt() as interrupt:
-        try:
-            for chunk in start(lambda: interrupt.requested):
-                last = chunk
-                if chunk.text:
-                    out.write(chunk.text)
-                    out.flush()
-        except ContextOverflowError as e:
-            console.print(f"context full: {e}. /clear starts over; --ctx-size raises the limit",
-                          style="red", soft_wrap=True, markup=False)
-            return
-    out.write("\n")
-    out.flush()
-    if last.finish_reason == "interrupted":
-        console.print("[reply interrupted]", style="dim", markup=False)
-    elif last.finish_reason == "length" and session.cache.offset + 1 >= session.context_size:
-        console.print("context full: the reply was cut. /clear starts over; --ctx-size raises the limit",
-                      style="red", soft_wrap=True)
-    if session.settings.stats:
-        console.print(stats_line(last.stats, last.finish_reason, None, session.model.device.type), style="dim",
-                      soft_wrap=True)
-
-
-def _command(session: ChatSession, console, command: str, arg: str) -> None:
-    say = lambda text, **kw: console.print(text, soft_wrap=True, markup=False, highlight=False, **kw)
-    if command == "/help":
-        say(HELP)
-    elif command == "/clear":
-        session.clear()
-        say("conversation cleared", style="dim")
-    elif command == "/system" or (command == "/set" and arg.startswith("system")):
-        text = arg.removeprefix("system").strip() if command == "/set" else arg
-        session.system = text or None
-        say(f"system prompt {'set' if text else 'removed'}", style="dim")
-    elif command == "/set":
-        key, _, value = arg.partition(" ")
-        if not key:
-            raise JambaError("usage: /set KEY VALUE (see /help)")
-        session.settings.set(key, value.strip())
-        say(f"{key} = {value.strip() or 'off'}", style="dim")
-    elif command == "/show":
-        params = ", ".join(f"{k}={v}" for k, v in asdict(session.settings).items() if v not in (None, [], False))
-        say(f"model: {session.name}\nparameters: {params or 'checkpoint defaults'}\n"
-            f"system: {session.system or '(none)'}\ncontext: {session.cache.offset} of {session.context_size} "
-            f"tokens used, {len(session.messages)} messages")
-    elif command in ("/save", "/load"):
-        if not arg:
-            raise JambaError(f"usage: {command} FILE")
-        path = Path(arg).expanduser()
-        if command == "/save":
-            session.save(path)
-            say(f"saved to {path}", style="dim")
-        else:
-            session.load(path, console)
-            say(f"loaded {len(session.messages)} messages from {path}", style="dim")
-    else:
-        raise JambaError(f"unknown command {command}; /help lists them")

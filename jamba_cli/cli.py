@@ -1,7 +1,8 @@
 """The `jamba` command: run, chat, download.
 
 Nothing heavy is imported at module level (torch, the model, huggingface_hub): `jamba --help` and shell
-completion stay fast. Each command parses its input and calls the library with keyword arguments.
+completion stay fast. Each command parses its input and calls the library with keyword arguments; the
+options `run` and `chat` share are declared once, in cli_options.py.
 Exit status: 0 ok, 1 runtime error, 2 usage error, 130 interrupted, 141 stdout closed early.
 """
 
@@ -9,110 +10,19 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import sys
 from contextlib import contextmanager
-from enum import Enum
+from functools import partial
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from . import __version__
-from .errors import CheckpointError, JambaError, UsageError
+from .cli_options import Color, ColorOpt, Format, ModelOptions, RevisionOpt, Shared, in_flags, shared_options
+from .errors import ChatTemplateError, CheckpointError, JambaError, UsageError
 
-REPO_ID = re.compile(r"[\w.-]+/[\w.-]+")
 ASK_ABOVE_BYTES = 1_000_000_000  # a TTY confirms before downloading more than this
-
-
-class Format(str, Enum):
-    text = "text"
-    json = "json"
-    jsonl = "jsonl"
-
-
-class Color(str, Enum):
-    auto = "auto"
-    always = "always"
-    never = "never"
-
-
-class DType(str, Enum):
-    auto = "auto"
-    bf16 = "bf16"
-    fp16 = "fp16"
-    fp32 = "fp32"
-
-
-class Kernels(str, Enum):
-    auto = "auto"
-    torch = "torch"
-
-
-def _complete_model(incomplete: str) -> list[str]:
-    """Repo ids in the local Hugging Face cache, and directories, that start with what was typed."""
-    from .hub import cached_repo_ids
-
-    out = [r for r in cached_repo_ids() if r.startswith(incomplete)]
-    base, _, stem = incomplete.rpartition("/")
-    try:
-        with os.scandir(os.path.expanduser(base or ".")) as entries:
-            out += [f"{base}/{e.name}" if base else e.name for e in entries
-                    if e.is_dir() and e.name.startswith(stem) and not e.name.startswith(".")]
-    except OSError:
-        pass
-    return sorted(set(out))
-
-
-def _in_range(rule: str, ok):
-    """An option callback that rejects a value for which `ok` is false, naming `rule`."""
-    def check(value):
-        if value is not None and not ok(value):
-            raise typer.BadParameter(f"{value} is out of range ({rule})")
-        return value
-    return check
-
-
-# Options shared by run and chat, declared once.
-INT8_SKIP = "mamba,router,lm_head"  # quant.DEFAULT_SKIP, spelled out: importing quant would import torch
-ModelOpt = Annotated[str | None, typer.Option("--model", "-m", envvar="JAMBA_MODEL", show_envvar=True,
-                                              autocompletion=_complete_model,
-                                              help="Checkpoint directory or Hub repo id (default: the bundled model)")]
-RevisionOpt = Annotated[str | None, typer.Option(help="Branch, tag or commit of a Hub repo.")]
-YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="Download a missing model without asking.")]
-DTypeOpt = Annotated[DType, typer.Option(help="Weight dtype (auto: bf16 on GPU, fp32 on CPU when it fits).")]
-DeviceOpt = Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1, mps (default: cuda if available).")]
-KernelsOpt = Annotated[Kernels, typer.Option(help="auto: mamba-ssm, causal-conv1d and Triton kernels on CUDA when "
-                                             "installed; torch: plain PyTorch everywhere.")]
-DeviceMapOpt = Annotated[str | None, typer.Option(help="Split the model over devices: auto, balanced, "
-                                                  "balanced_low_0, sequential, or a JSON file of module -> device.")]
-MaxMemOpt = Annotated[str | None, typer.Option(help="Memory per device for the map, e.g. 0=70GiB,1=80GiB,cpu=200GiB.")]
-OffloadOpt = Annotated[Path | None, typer.Option(help="Folder for weights that fit nowhere else (memory-mapped).")]
-Load8Opt = Annotated[bool, typer.Option("--load-in-8bit", help="Quantize weights to 8 bit (bitsandbytes).")]
-Load4Opt = Annotated[bool, typer.Option("--load-in-4bit", help="Quantize weights to 4 bit (bitsandbytes).")]
-SkipOpt = Annotated[str, typer.Option(help="Modules left unquantized (comma-separated name parts).")]
-ThresholdOpt = Annotated[float, typer.Option(min=0.0, help="LLM.int8 outlier threshold for 8-bit.")]
-CtxOpt = Annotated[int | None, typer.Option("--ctx-size", min=1, help="Most tokens the context may hold "
-                                            "(default: the model's max_position_embeddings); on a GPU, "
-                                            "chat sets its cache aside up front.")]
-MaxTokOpt = Annotated[int | None, typer.Option("--max-tokens", "-n", min=0, help="Most tokens to generate "
-                                               "(default: generation_config.json, else 512).")]
-TempOpt = Annotated[float | None, typer.Option("--temperature", "--temp", min=0.0,
-                                               help="0 is greedy (default: generation_config.json, else 0).")]
-TopKOpt = Annotated[int | None, typer.Option(min=0, help="Sample from the k most likely tokens (0: off).")]
-TopPOpt = Annotated[float | None, typer.Option(callback=_in_range("0 < top-p <= 1", lambda v: 0 < v <= 1),
-                                               help="Nucleus sampling: keep tokens up to this probability mass.")]
-MinPOpt = Annotated[float | None, typer.Option(callback=_in_range("0 <= min-p < 1", lambda v: 0 <= v < 1),
-                                               help="Drop tokens below this fraction of the top probability.")]
-PenaltyOpt = Annotated[float | None, typer.Option(callback=_in_range("> 0", lambda v: v > 0),
-                                                  help="Penalise tokens already seen (1: off).")]
-SeedOpt = Annotated[int | None, typer.Option(help="Seed for sampling (default: random, shown by --format json).")]
-StopOpt = Annotated[list[str] | None, typer.Option("--stop", help="Stop at this text (repeatable); not printed.")]
-IgnoreEosOpt = Annotated[bool, typer.Option("--ignore-eos", help="Keep generating past end-of-text tokens.")]
-SystemOpt = Annotated[str | None, typer.Option("--system", "-s", help="System prompt.")]
-SystemFileOpt = Annotated[Path | None, typer.Option("--system-file", help="Read the system prompt from a file.")]
-StatsOpt = Annotated[bool, typer.Option("--stats", help="Print load time, speeds and memory on stderr.")]
-ColorOpt = Annotated[Color, typer.Option(help="Colour on stderr (auto: on a TTY, unless NO_COLOR is set).")]
 
 app = typer.Typer(name="jamba", no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   context_settings={"help_option_names": ["-h", "--help"]},
@@ -132,14 +42,14 @@ def _root(version: Annotated[bool, typer.Option("--version", callback=_version, 
 
 
 @contextmanager
-def _reporting(console):
+def _reporting(console, ctx: typer.Context):
     """Turn failures into one line on stderr and an exit status (no traceback unless JAMBA_DEBUG=1)."""
     from .terminal import silence_stdout
 
     try:
         yield
     except JambaError as e:
-        console.print(f"[bold red]error:[/] {_escape(e)}", soft_wrap=True)
+        console.print(f"[bold red]error:[/] {_escape(in_flags(ctx, str(e)))}", soft_wrap=True)
         raise typer.Exit(e.exit_code) from None
     except BrokenPipeError:
         silence_stdout()
@@ -164,29 +74,22 @@ def _escape(text) -> str:
     return escape(str(text))
 
 
-def bundled_model() -> Path | None:
-    """The checkpoint shipped inside the package (jamba_cli/assets/<name>/), if this build has one."""
-    assets = Path(__file__).parent / "assets"
-    found = sorted(p.parent for p in assets.glob("*/config.json")) if assets.is_dir() else []
-    return found[0] if found else None
-
-
 def _model_dir(console, spec: str | None, revision: str | None, yes: bool) -> tuple[Path, str]:
     """The local checkpoint directory for `spec`, downloading a Hub repo that is not cached yet."""
+    from .loader import bundled_model_dir, resolve
+
     if not spec:
-        bundled = bundled_model()
+        bundled = bundled_model_dir()
         if bundled is None:
             raise UsageError("no model given: pass -m PATH_OR_REPO_ID or set JAMBA_MODEL")
         console.print(f"using the bundled model {bundled.name} (-m or JAMBA_MODEL picks another)",
                       style="dim", highlight=False)
         return bundled, bundled.name
-    from .loader import resolve
-
-    path = Path(spec).expanduser()
-    if path.is_dir() or not REPO_ID.fullmatch(spec):
-        return resolve(path), spec
     from . import hub
 
+    path = Path(spec).expanduser()
+    if path.is_dir() or not hub.REPO_ID.fullmatch(spec):
+        return resolve(path), spec
     if hub.is_cached(spec, revision):  # the snapshot may hold only the default files: ask hub, not the loader
         return hub.download(spec, revision=revision, offline=True), spec
     return _fetch(console, spec, revision, yes), spec
@@ -209,23 +112,19 @@ def _fetch(console, repo: str, revision: str | None, yes: bool) -> Path:
     return hub.download(repo, revision=revision, progress=sys.stderr.isatty())
 
 
-def load_model(console, spec, *, revision=None, yes=False, dtype=DType.auto, device=None, stats=False,
-               kernels=Kernels.auto, **placement):
-    """Resolve and load a model, with a progress bar on a TTY. Returns (model, tokenizer, seconds, name).
-
-    `placement`: the loader's device_map, max_memory, offload_folder and quantization options."""
+def load_model(console, options: ModelOptions, *, stats: bool = False):
+    """Resolve and load a model, with a progress bar on a TTY. Returns (model, tokenizer, seconds, name)."""
     import time
 
-    if placement["load_in_8bit"] and placement["load_in_4bit"]:
-        raise UsageError("--load-in-8bit and --load-in-4bit exclude each other")
-    directory, name = _model_dir(console, spec, revision, yes)
-    from .loader import load
+    from .loader import load, quant_config
     from .terminal import load_progress
 
+    # contradictory quantization options fail here, before a model is downloaded
+    quant_config(options.load_in_8bit, options.load_in_4bit, options.int8_skip, options.int8_threshold)
+    directory, name = _model_dir(console, options.model, options.revision, options.yes)
     start = time.perf_counter()
     with load_progress(console, f"Loading {name}") as progress:
-        model, tokenizer = load(directory, dtype=None if dtype == DType.auto else dtype.value, device=device,
-                                progress=progress, kernels=kernels.value, **placement)
+        model, tokenizer = load(directory, progress=progress, **options.load_arguments())
     load_s = time.perf_counter() - start
     if stats:
         from .quant import footprint
@@ -273,51 +172,33 @@ def read_system(system: str | None, system_file: Path | None) -> str | None:
 @app.command(epilog="Examples:  jamba run -m ai21labs/AI21-Jamba-Mini-1.7 \"Write a haiku\"  ·  "
                     "cat notes.md | jamba run -s \"Be brief\" \"Summarise:\"  ·  "
                     "jamba run --format jsonl -n 64 --stop \"\\n\\n\" \"Once upon a time\"")
+@shared_options
 def run(
     prompt: Annotated[list[str] | None, typer.Argument(help="Prompt text; piped stdin comes first.")] = None,
     file: Annotated[list[str] | None, typer.Option("--file", "-f", help="Read prompt text from a file "
                                                    "(repeatable; - is stdin).")] = None,
-    system: SystemOpt = None, system_file: SystemFileOpt = None,
-    model: ModelOpt = None, revision: RevisionOpt = None, yes: YesOpt = False,
-    max_tokens: MaxTokOpt = None, temperature: TempOpt = None, top_k: TopKOpt = None, top_p: TopPOpt = None,
-    min_p: MinPOpt = None, repetition_penalty: PenaltyOpt = None, seed: SeedOpt = None, stop: StopOpt = None,
-    ignore_eos: IgnoreEosOpt = False,
     raw: Annotated[bool, typer.Option("--raw", help="Send the prompt as plain text, not through the chat "
                                       "template.")] = False,
-    dtype: DTypeOpt = DType.auto, device: DeviceOpt = None, kernels: KernelsOpt = Kernels.auto,
-    device_map: DeviceMapOpt = None,
-    max_memory: MaxMemOpt = None, offload_folder: OffloadOpt = None, load_in_8bit: Load8Opt = False,
-    load_in_4bit: Load4Opt = False, int8_skip: SkipOpt = INT8_SKIP, int8_threshold: ThresholdOpt = 6.0,
-    ctx_size: CtxOpt = None,
     prompt_cache: Annotated[Path | None, typer.Option("--prompt-cache", help="Reuse (and save) the model state "
                                                       "of a prompt that starts the same way.")] = None,
     format: Annotated[Format, typer.Option("--format", help="text, json (one object) or jsonl (an event per "
                                            "chunk, then a summary).")] = Format.text,
-    stats: StatsOpt = False, color: ColorOpt = Color.auto,
+    *, shared: Shared,
 ) -> None:
     """Generate a continuation of PROMPT and print only the generated text on stdout."""
-    from .terminal import stderr_console
-
-    console = stderr_console(color.value)
-    with _reporting(console):
+    console = shared.console()
+    with _reporting(console, shared.ctx):
         text = _read_prompt(prompt or [], file or [])
-        system_text = read_system(system, system_file)
+        system_text = read_system(shared.system, shared.system_file)
         if raw and system_text is not None:
             raise UsageError("--system needs the chat template; drop --raw")
-        loaded = load_model(console, model, revision=revision, yes=yes, dtype=dtype, device=device, stats=stats,
-                            kernels=kernels,
-                            device_map=device_map, max_memory=max_memory, offload_folder=offload_folder,
-                            load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit, int8_skip=int8_skip,
-                            int8_threshold=int8_threshold)
-        _generate(console, *loaded, text, system_text, raw=raw, format=format, stats=stats, ctx_size=ctx_size,
-                  prompt_cache=prompt_cache, seed=seed,
-                  options=dict(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                               min_p=min_p, repetition_penalty=repetition_penalty, stop=stop or (),
-                               ignore_eos=ignore_eos))
+        loaded = load_model(console, shared.loading, stats=shared.stats)
+        _generate(console, *loaded, text, system_text, raw=raw, format=format, shared=shared,
+                  prompt_cache=prompt_cache)
 
 
-def _generate(console, model, tokenizer, load_s, name, text, system_text, *, raw, format, stats, ctx_size,
-              prompt_cache, seed, options) -> None:
+def _generate(console, model, tokenizer, load_s, name, text, system_text, *, raw, format, shared: Shared,
+              prompt_cache) -> None:
     import random
 
     from .generation import stream_generate
@@ -330,14 +211,14 @@ def _generate(console, model, tokenizer, load_s, name, text, system_text, *, raw
     else:
         prompt = ([{"role": "system", "content": system_text}] if system_text is not None else []) + \
                  [{"role": "user", "content": text}]
-    seed = seed if seed is not None else random.randrange(2**31)
+    seed = shared.sampling.seed if shared.sampling.seed is not None else random.randrange(2**31)
     out = sys.stdout
     pieces, last = [], None
     with Interrupt() as interrupt:
         try:
-            for chunk in stream_generate(model, tokenizer, prompt, seed=seed, context_size=ctx_size,
-                                         prompt_cache=prompt_cache, should_stop=lambda: interrupt.requested,
-                                         **options):
+            for chunk in stream_generate(model, tokenizer, prompt, shared.sampling.override(seed=seed),
+                                         context_size=shared.context_size, prompt_cache=prompt_cache,
+                                         should_stop=lambda: interrupt.requested):
                 last = chunk
                 pieces.append(chunk.text)
                 if format == Format.text and chunk.text:
@@ -367,7 +248,7 @@ def _generate(console, model, tokenizer, load_s, name, text, system_text, *, raw
     else:
         out.write(json.dumps({"type": "done", **summary}, ensure_ascii=False) + "\n")
     out.flush()
-    if stats:
+    if shared.stats:
         console.print(stats_line(s, last.finish_reason, load_s, model.device.type), style="dim", soft_wrap=True)
     if last.finish_reason == "interrupted":
         raise typer.Exit(130)
@@ -375,51 +256,42 @@ def _generate(console, model, tokenizer, load_s, name, text, system_text, *, raw
 
 @app.command(epilog="Examples:  jamba chat -m ai21labs/AI21-Jamba-Mini-1.7  ·  "
                     "printf 'Hi\\n/bye\\n' | jamba chat  ·  jamba chat --resume talk.json")
+@shared_options
 def chat(
-    model: ModelOpt = None, revision: RevisionOpt = None, yes: YesOpt = False,
-    system: SystemOpt = None, system_file: SystemFileOpt = None,
-    max_tokens: MaxTokOpt = None, temperature: TempOpt = None, top_k: TopKOpt = None, top_p: TopPOpt = None,
-    min_p: MinPOpt = None, repetition_penalty: PenaltyOpt = None, seed: SeedOpt = None, stop: StopOpt = None,
-    ignore_eos: IgnoreEosOpt = False,
-    dtype: DTypeOpt = DType.auto, device: DeviceOpt = None, kernels: KernelsOpt = Kernels.auto,
-    device_map: DeviceMapOpt = None,
-    max_memory: MaxMemOpt = None, offload_folder: OffloadOpt = None, load_in_8bit: Load8Opt = False,
-    load_in_4bit: Load4Opt = False, int8_skip: SkipOpt = INT8_SKIP, int8_threshold: ThresholdOpt = 6.0,
-    ctx_size: CtxOpt = None,
     resume: Annotated[Path | None, typer.Option("--resume", help="Continue a conversation saved with /save.")] = None,
     no_history: Annotated[bool, typer.Option("--no-history", help="Do not read or write the input history "
                                              "file (also: JAMBA_NOHISTORY=1).")] = False,
-    stats: StatsOpt = False, color: ColorOpt = Color.auto,
+    *, shared: Shared,
 ) -> None:
     """Talk with the model. /help lists the commands; /bye or Ctrl+D ends.
 
     With stdin not a TTY, each line (or \"\"\" block) is a message and only the replies are printed."""
-    from .terminal import stderr_console
+    console = shared.console()
+    translate = partial(in_flags, shared.ctx)
+    with _reporting(console, shared.ctx):
+        system_text = read_system(shared.system, shared.system_file)
+        model, tokenizer, _, name = load_model(console, shared.loading, stats=shared.stats)
+        from .chat import ChatSession
+        from .repl import repl
 
-    console = stderr_console(color.value)
-    with _reporting(console):
-        system_text = read_system(system, system_file)
-        model_, tokenizer, load_s, name = load_model(
-            console, model, revision=revision, yes=yes, dtype=dtype, device=device, stats=stats, kernels=kernels,
-            device_map=device_map, max_memory=max_memory, offload_folder=offload_folder, load_in_8bit=load_in_8bit,
-            load_in_4bit=load_in_4bit, int8_skip=int8_skip, int8_threshold=int8_threshold)
-        from .chat import ChatSession, ChatSettings, repl
-
-        settings = ChatSettings(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                                min_p=min_p, repetition_penalty=repetition_penalty, seed=seed, stop=list(stop or []),
-                                ignore_eos=ignore_eos, stats=stats)
-        session = ChatSession(model_, tokenizer, name=name, system=system_text, settings=settings,
-                              context_size=ctx_size)
+        try:
+            session = ChatSession(model, tokenizer, name=name, system=system_text, sampling=shared.sampling,
+                                  context_size=shared.context_size)
+        except ChatTemplateError as e:
+            raise ChatTemplateError(f"{e}; use: jamba run --raw") from None
+        session.stats = shared.stats
         if resume is not None:
-            session.load(resume, console)
+            for note in session.load(resume):
+                console.print(f"note: {translate(note)}", style="yellow", soft_wrap=True, markup=False)
         history = not (no_history or os.environ.get("JAMBA_NOHISTORY"))
-        raise typer.Exit(repl(session, console, history=history, load_s=load_s))
+        raise typer.Exit(repl(session, console, history=history, translate=translate))
 
 
 @app.command(epilog="Examples:  jamba download ai21labs/AI21-Jamba-Mini-1.7  ·  "
                     "jamba download ai21labs/AI21-Jamba-Mini-1.7 config.json --local-dir ./jamba  ·  "
                     "jamba download ai21labs/AI21-Jamba-Mini-1.7 --dry-run")
 def download(
+    ctx: typer.Context,
     repo: Annotated[str, typer.Argument(help="Hub repo id, e.g. ai21labs/AI21-Jamba-Mini-1.7.")],
     files: Annotated[list[str] | None, typer.Argument(help="Only these files.")] = None,
     revision: RevisionOpt = None,
@@ -438,7 +310,7 @@ def download(
     from .terminal import format_bytes, stderr_console
 
     console = stderr_console(color.value)
-    with _reporting(console):
+    with _reporting(console, ctx):
         from . import hub
 
         kwargs = dict(revision=revision, include=include, exclude=exclude, local_dir=local_dir,

@@ -7,8 +7,9 @@ import re
 import pytest
 from typer.testing import CliRunner
 
-from jamba_cli.cli import app, bundled_model
+from jamba_cli.cli import app
 from jamba_cli.generation import generate
+from jamba_cli.loader import bundled_model_dir
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
@@ -114,14 +115,40 @@ def test_stop_strings_and_eos(jamba, small):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--top-p", "1.5"], "0 < top-p <= 1"), (["--top-p", "0"], "0 < top-p <= 1"),
-    (["--min-p", "1"], "0 <= min-p < 1"), (["--temperature", "-1"], "Invalid value for '--temperature'"),
-    (["--repetition-penalty", "0"], "> 0"), (["-n", "-2"], "--max-tokens"), (["--format", "xml"], "xml"),
-    (["--load-in-8bit", "--load-in-4bit"], "exclude each other"), (["--bogus"], "No such option"),
+    # sampling ranges are SamplingParams' checks, stated with the flag's name
+    (["--top-p", "1.5"], "Invalid value for '--top-p': 1.5 is out of range (0 < top-p <= 1)"),
+    (["--top-p", "0"], "Invalid value for '--top-p': 0.0 is out of range (0 < top-p <= 1)"),
+    (["--min-p", "1"], "Invalid value for '--min-p': 1.0 is out of range (0 <= min-p < 1)"),
+    (["--temp", "-1"], "Invalid value for '--temperature' / '--temp': -1.0 is out of range (temperature >= 0)"),
+    (["--repetition-penalty", "0"], "'--repetition-penalty': 0.0 is out of range (repetition-penalty > 0)"),
+    (["-n", "-2"], "Invalid value for '--max-tokens' / '-n': -2 is out of range (max-tokens >= 0)"),
+    (["--top-k", "-1"], "Invalid value for '--top-k': -1 is out of range (top-k >= 0)"),
+    (["--format", "xml"], "xml"), (["--bogus"], "No such option"),
+    (["--load-in-8bit", "--load-in-4bit"], "error: --load-in-8bit and --load-in-4bit exclude each other"),
 ])
 def test_usage_errors_exit_2(jamba, args, message):
     r = jamba("run", *args, "hi")
     assert r.exit_code == 2 and message in r.output
+
+
+def test_library_messages_name_the_flags_here_and_the_parameters_in_the_api(jamba, ckpt):
+    from jamba_cli.errors import UsageError
+    from jamba_cli.loader import load
+
+    for args, kwargs, flag, param in (
+            (["--max-memory", "cpu"], dict(max_memory="cpu"), "--max-memory entry 'cpu'", "`max_memory` entry 'cpu'"),
+            (["--device", "cuda:9"], dict(device="cuda:9"), "--device: there is no cuda:9", "`device`: there is no"),
+            (["--device-map", "auto", "--max-memory", "cpu=1KB"], dict(device_map="auto", max_memory="cpu=1KB"),
+             "do not fit in --max-memory (cpu 1000 B); raise it, quantize, or pass --offload-folder",
+             "do not fit in `max_memory` (cpu 1000 B); raise it, quantize, or pass `offload_folder`"),
+            (["--load-in-8bit", "--load-in-4bit"], dict(load_in_8bit=True, load_in_4bit=True),
+             "--load-in-8bit and --load-in-4bit exclude each other",
+             "`load_in_8bit` and `load_in_4bit` exclude each other")):
+        r = jamba("run", *args, "hi")
+        assert r.exit_code == 2 and flag in r.stderr and "`" not in r.stderr, r.stderr
+        with pytest.raises(UsageError) as err:
+            load(ckpt, **kwargs)
+        assert param in str(err.value) and "--" not in str(err.value) and err.value.exit_code == 2
 
 
 def test_empty_prompt_and_missing_model(jamba, monkeypatch):
@@ -129,7 +156,7 @@ def test_empty_prompt_and_missing_model(jamba, monkeypatch):
     assert r.exit_code == 2 and "the prompt is empty" in r.stderr
     monkeypatch.delenv("JAMBA_MODEL")
     r = jamba("run", "-n", 2, "hi")
-    if bundled_model() is None:
+    if bundled_model_dir() is None:
         assert r.exit_code == 2 and "pass -m PATH_OR_REPO_ID or set JAMBA_MODEL" in r.stderr
     else:
         assert r.exit_code == 0 and r.stdout
@@ -245,7 +272,7 @@ def test_chat_commands(jamba, small, tmp_path):
         want.append(expect(small, user("", "Be terse.")[:1] + conversation, 4))
         conversation.append({"role": "assistant", "content": want[-1].strip()})
     assert r.stdout == "".join(w + "\n" for w in want)
-    assert "out of range for top_p" in r.stderr and "unknown setting 'colour'" in r.stderr
+    assert "top_p: 7.0 is out of range (0 < top_p <= 1)" in r.stderr and "unknown setting 'colour'" in r.stderr
     assert "unknown command /nope" in r.stderr and "system: Be terse." in r.stderr
     assert "Commands:" in r.stderr and "/regen" in r.stderr
     assert r.stderr.count("generated 4 tok") == 1  # stats only after /set stats on: the last reply

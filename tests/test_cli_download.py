@@ -7,7 +7,8 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from hubserver import TOKEN
-from jamba_cli.cli import _complete_model, app
+from jamba_cli.cli import app
+from jamba_cli.cli_options import _complete_model
 from jamba_cli.hub import is_cached
 from test_cli_process import Terminal, _probe, env, jamba as jamba_process  # noqa: F401 (env is a fixture)
 from test_hub import DEFAULT, REPO, SHARD1, SHARD2, hub, repo_files, server  # noqa: F401 (fixtures)

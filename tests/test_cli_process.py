@@ -104,6 +104,10 @@ def test_usage_errors_are_one_line(env):
     r = subprocess.run(jamba("run", "--bogus", "hi"), capture_output=True, env=env, cwd=ROOT, timeout=60)
     assert r.returncode == 2 and r.stdout == b""
     assert r.stderr == b"error: No such option: --bogus (see 'jamba run --help')\n"
+    r = subprocess.run(jamba("run", "--top-p", "1.5", "hi"), capture_output=True, env=env, cwd=ROOT, timeout=60)
+    assert r.returncode == 2 and r.stdout == b""
+    assert r.stderr == b"error: Invalid value for '--top-p': 1.5 is out of range (0 < top-p <= 1) " \
+                       b"(see 'jamba run --help')\n"
 
 
 PROBE = """import sys
@@ -127,6 +131,8 @@ def test_help_and_completion_import_no_torch(env, ckpt):
     for args in (["--help"], ["run", "--help"], ["chat", "--help"], ["download", "--help"], ["--version"]):
         r = _probe(env, *args)
         assert r.returncode == 0 and r.stderr.endswith("HEAVY="), (args, r.stderr)
+    r = _probe(env, "run", "--top-p", "1.5", "hi")  # a bad sampling value is refused before torch loads
+    assert "out of range" in r.stderr and r.stderr.endswith("HEAVY="), r.stderr
     r = _probe(env, extra_env={"_JAMBA_COMPLETE": "complete_bash", "COMP_WORDS": "jamba run --mo", "COMP_CWORD": "2"})
     assert "--model" in r.stdout and r.stderr.endswith("HEAVY=")
     parent, name = os.path.split(ckpt)

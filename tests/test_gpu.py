@@ -213,14 +213,15 @@ def test_chat_replies_replay_one_graph_and_equal_eager_replies():
     # jamba chat on one GPU: a static cache sized by the context, every reply decoded by replaying the
     # one CUDA graph captured over it (kept across turns, /regen and /clear), the same tokens as a chat
     # on a growing cache decoded eagerly
-    from jamba_cli.chat import ChatSession, ChatSettings
+    from jamba_cli.chat import ChatSession
     from jamba_cli.loader import bundled_model_dir
+    from jamba_cli.sample import SamplingParams
 
     model, tokenizer = load(bundled_model_dir(), dtype="fp32", device="cuda")
 
     def chat(static):
         s = ChatSession(model, tokenizer, name="bundled", context_size=512,
-                        settings=ChatSettings(max_tokens=24, temperature=0.0, ignore_eos=True))
+                        sampling=SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True))
         if not static:
             s.cache = make_cache(model.config, 1, dtype=model.dtype, device="cuda")
         assert s.cache.static is static
