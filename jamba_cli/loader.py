@@ -391,7 +391,8 @@ def load_model(directory: Path, *, progress: Progress | None = None, **placement
 @contextlib.contextmanager
 def _no_init():
     """Skip parameter init while building on meta: its values are overwritten anyway, and the first compute
-    op on a meta tensor imports torch's Python decompositions (sympy & co., ~75 MB of RSS)."""
+    op on a meta tensor imports torch's Python decompositions (sympy and more), which then stay in memory for
+    good: they would count in the peak RSS that `benchmarks/bench_load.py` tracks (results/load_cpu.json)."""
     names = ("kaiming_uniform_", "uniform_", "normal_")
     saved = {name: getattr(torch.nn.init, name) for name in names}
     for name in names:
