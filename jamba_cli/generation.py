@@ -258,11 +258,14 @@ def stream_generate(model: JambaForCausalLM, tokenizer: Tokenizer, prompt: str |
     if unknown:
         raise TypeError(f"stream_generate() got an unexpected keyword argument {unknown[0]!r}")
     params = (sampling or SamplingParams()).override(**knobs).resolve(tokenizer.generation_config)
-    return _stream(model, tokenizer, prompt, params, eos_token_ids, cache, context_size, prompt_cache, should_stop,
-                   prefill_chunk)
+    # the stream is a generator, which runs nothing until the first chunk is asked for; the checks above
+    # are done here so that a bad argument fails at the call, as Python's own argument errors do
+    return _stream(model, tokenizer, prompt, params, eos_token_ids=eos_token_ids, cache=cache,
+                   context_size=context_size, prompt_cache=prompt_cache, should_stop=should_stop,
+                   prefill_chunk=prefill_chunk)
 
 
-def _stream(model, tokenizer, prompt, params: SamplingParams, eos_token_ids, cache, context_size, prompt_cache,
+def _stream(model, tokenizer, prompt, params: SamplingParams, *, eos_token_ids, cache, context_size, prompt_cache,
             should_stop, prefill_chunk) -> Iterator[GenerationChunk]:
     start = time.perf_counter()
     ids = prompt_ids(tokenizer, prompt)
