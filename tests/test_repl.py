@@ -51,3 +51,13 @@ def test_an_unknown_command_is_named_and_the_chat_goes_on(chat):
     r = chat("/nope", "/show")
     assert r.exit_code == 0
     assert "error: unknown command /nope; /help lists them" in r.stderr and "0 messages" in r.stderr
+
+
+def test_set_takes_aliases_on_off_and_checks_values_like_the_flags(chat):
+    r = chat("/set temp 1.5", "/set n 3", "/set ignore_eos off", "/set stop END", "/set seed 4", "/set top_k x",
+             "/set min_p 1", "/show")
+    assert r.exit_code == 0
+    assert "temp = 1.5" in r.stderr and "n = 3" in r.stderr and "ignore_eos = off" in r.stderr
+    assert "error: bad value 'x' for top_k" in r.stderr
+    assert "error: min_p: 1.0 is out of range (0 <= min_p < 1)" in r.stderr
+    assert "parameters: max_tokens=3, temperature=1.5, seed=4, stop=['END']\n" in r.stderr
