@@ -20,6 +20,7 @@ import typer
 
 from . import __version__
 from .cli_options import Color, ColorOpt, Format, ModelOptions, RevisionOpt, Shared, in_flags, shared_options
+from .defaults import bundled_model_dir
 from .errors import ChatTemplateError, CheckpointError, JambaError, UsageError
 
 ASK_ABOVE_BYTES = 1_000_000_000  # a TTY confirms before downloading more than this
@@ -76,8 +77,6 @@ def _escape(text) -> str:
 
 def _model_dir(console, spec: str | None, revision: str | None, yes: bool) -> tuple[Path, str]:
     """The local checkpoint directory for `spec`, downloading a Hub repo that is not cached yet."""
-    from .loader import bundled_model_dir, resolve
-
     if not spec:
         bundled = bundled_model_dir()
         if bundled is None:
@@ -86,6 +85,7 @@ def _model_dir(console, spec: str | None, revision: str | None, yes: bool) -> tu
                       style="dim", highlight=False)
         return bundled, bundled.name
     from . import hub
+    from .loader import resolve
 
     path = Path(spec).expanduser()
     if path.is_dir() or not hub.REPO_ID.fullmatch(spec):

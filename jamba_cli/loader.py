@@ -27,7 +27,7 @@ import torch
 
 from . import devices, quant
 from .config import JambaConfig
-from .defaults import INT8_SKIP, INT8_THRESHOLD
+from .defaults import INT8_SKIP, INT8_THRESHOLD, bundled_model_dir
 from .errors import CheckpointError, DeviceMapError, JambaError, UsageError
 from .hub import REPO_ID
 from .kernels import KernelOptions
@@ -93,16 +93,6 @@ def read_header(path: Path) -> dict[str, TensorEntry]:
                                   f"but the file has {size}")
         entries[name] = TensorEntry(path, dtype, shape, 8 + n + begin, 8 + n + end)
     return entries
-
-
-BUNDLED_MODEL = "jamba-tiny-shakespeare"  # trained by tools/train_tiny.py, shipped in the wheel
-
-
-def bundled_model_dir() -> Path | None:
-    """The directory of the small Jamba shipped with the package (the default model), or None in a build
-    that leaves it out."""
-    directory = Path(__file__).resolve().parent / "assets" / BUNDLED_MODEL
-    return directory if (directory / "config.json").is_file() else None
 
 
 def resolve(path_or_repo: str | os.PathLike, revision: str | None = None) -> Path:

@@ -14,8 +14,8 @@ import torch
 from tokenizers import Tokenizer
 
 import jamba_cli
+from jamba_cli.defaults import bundled_model_dir
 from jamba_cli.generation import generate
-from jamba_cli.loader import bundled_model_dir
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
 from eval_ppl import mean_nll, unigram_perplexity  # noqa: E402

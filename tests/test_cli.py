@@ -8,8 +8,8 @@ import pytest
 from typer.testing import CliRunner
 
 from jamba_cli.cli import app
+from jamba_cli.defaults import bundled_model_dir
 from jamba_cli.generation import generate
-from jamba_cli.loader import bundled_model_dir
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
