@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .config import JambaConfig
+from .errors import ContextOverflowError
 
 
 @dataclass
@@ -133,8 +134,8 @@ class HybridCache:
         if need <= self.capacity:
             return
         if self.static:
-            raise ValueError(f"context is full: {self.offset} + {new_tokens} tokens exceed the cache size "
-                             f"{self.capacity} (raise --ctx-size)")
+            raise ContextOverflowError(f"context is full: {self.offset} + {new_tokens} tokens exceed the cache size "
+                                       f"{self.capacity} (raise `context_size`)")
         capacity = max(need, 2 * self.capacity, 256)
         for layer in self.layers:
             if isinstance(layer, AttnCache):

@@ -90,7 +90,7 @@ class MambaMixer(nn.Module):
         self.x_proj = Linear(e, r + 2 * n, bias=False)  # columns [dt | B | C]
         self.dt_proj = Linear(r, e, bias=True)
         self.A_log = nn.Parameter(torch.empty(e, n))  # (E, N)
-        if self.A_log.device.type != "meta":  # compute ops on meta import ~70 MB of decompositions
+        if self.A_log.device.type != "meta":  # arithmetic on meta tensors imports torch's decompositions: slow
             with torch.no_grad():
                 self.A_log.copy_(torch.arange(1, n + 1, dtype=torch.float32).log())  # S4D-real: A = -(1..N)
         self.D = nn.Parameter(torch.ones(e))

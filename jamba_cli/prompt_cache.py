@@ -69,7 +69,7 @@ def _read(path: Path, model: JambaForCausalLM) -> tuple[dict[str, torch.Tensor],
                 raise PromptCacheError(f"{path} is not a jamba prompt cache file")
             if meta.get("dtype") != _dtype_name(model.dtype):
                 raise PromptCacheError(f"{path} was made with dtype {meta.get('dtype')} but the model runs in "
-                                       f"{_dtype_name(model.dtype)}; use another file or --dtype {meta.get('dtype')}")
+                                       f"{_dtype_name(model.dtype)}; use another file or set `dtype` to {meta.get('dtype')}")
             if meta.get("fingerprint") != fingerprint(model):
                 raise PromptCacheError(f"{path} was made by another model; use another file or delete it")
             tensors = {k: f.get_tensor(k) for k in f.keys()}

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from jamba_cli.errors import ContextOverflowError
 from jamba_cli.cache import AttnCache, MambaCache, make_cache
 
 TOL = 1e-4
@@ -106,5 +107,5 @@ def test_cache_grows_unless_static(mini):
         assert cache.capacity >= 300
         assert (out - full).abs().max() <= TOL
         static = make_cache(model.config, 1, dtype=torch.float32, capacity=8, static=True)
-        with pytest.raises(ValueError, match="context is full"):
+        with pytest.raises(ContextOverflowError, match="context is full"):
             model(ids[:, :9], static)
