@@ -3,10 +3,9 @@
 import pytest
 import torch
 
+from conftest import assert_close
 from jamba_cli.errors import ContextOverflowError
 from jamba_cli.cache import AttnCache, MambaCache, make_cache
-
-TOL = 1e-4
 
 
 def _ids(b, t, seed=0):
@@ -37,7 +36,7 @@ def test_token_by_token_decode_equals_full_forward(mini):
         cache = make_cache(model.config, 2, dtype=torch.float32)
         steps = torch.cat([model(ids[:, t:t + 1], cache) for t in range(40)], dim=1)
     assert cache.offset == 40
-    assert (steps - full).abs().max() <= TOL
+    assert_close(steps, full)
 
 
 @pytest.mark.parametrize("cuts", [(5, 20), (1, 2), (17, 18), (3, 39)])
@@ -49,7 +48,7 @@ def test_prompt_in_three_chunks_equals_prompt_at_once(mini, cuts):
         full = model(ids)
         cache = make_cache(model.config, 2, dtype=torch.float32)
         parts = torch.cat([model(ids[:, :a], cache), model(ids[:, a:b], cache), model(ids[:, b:], cache)], dim=1)
-    assert (parts - full).abs().max() <= TOL
+    assert_close(parts, full)
 
 
 def test_left_padded_batch_equals_rows_alone(mini):
@@ -70,9 +69,9 @@ def test_left_padded_batch_equals_rows_alone(mini):
         for i, r in enumerate(rows):
             alone_cache = make_cache(model.config, 1, dtype=torch.float32)
             alone = model(r[None], alone_cache)
-            assert (batch[i, t - len(r):] - alone[0]).abs().max() <= TOL
+            assert_close(batch[i, t - len(r):], alone[0])
             alone_next = torch.cat([model(nxt[i:i + 1, j:j + 1], alone_cache) for j in range(4)], dim=1)
-            assert (batch_next[i] - alone_next[0]).abs().max() <= TOL
+            assert_close(batch_next[i], alone_next[0])
     assert torch.isfinite(batch).all()  # padding rows must not turn into NaN either
 
 
@@ -105,7 +104,7 @@ def test_cache_grows_unless_static(mini):
         cache = make_cache(model.config, 1, dtype=torch.float32, capacity=4)
         out = torch.cat([model(ids[:, :250], cache), model(ids[:, 250:], cache)], dim=1)
         assert cache.capacity >= 300
-        assert (out - full).abs().max() <= TOL
+        assert_close(out, full)
         static = make_cache(model.config, 1, dtype=torch.float32, capacity=8, static=True)
         with pytest.raises(ContextOverflowError, match="context is full"):
             model(ids[:, :9], static)

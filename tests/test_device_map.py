@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from conftest import assert_close
 from jamba_cli.cache import make_cache
 from jamba_cli.errors import DeviceMapError
 from jamba_cli.generation import generate_step
@@ -42,7 +43,7 @@ def test_cpu_and_disk_offload_give_single_device_logits(reference, tmp_path):
     assert sum(sizes.values()) == sum(p.numel() * 4 for p in model.parameters())
     with torch.no_grad():
         got = model(IDS)
-    assert (got - want).abs().max().item() <= 1e-5
+    assert_close(got, want, 1e-5)
     assert list(tmp_path.iterdir()) == []  # the mapped files are unlinked: nothing is left behind
 
 
@@ -57,7 +58,7 @@ def test_explicit_json_map(reference, tmp_path):
     assert is_mapped_file(model.lm_head.weight) and not is_mapped_file(model.model.embed_tokens.weight)
     with torch.no_grad():
         got = model(IDS)
-    assert (got - want).abs().max().item() <= 1e-5
+    assert_close(got, want, 1e-5)
 
 
 def test_generation_with_the_cache_on_each_layers_device(checkpoints, tmp_path):
@@ -147,7 +148,7 @@ def test_split_over_gpus_and_cpu_matches_one_device(checkpoints):
         want = single(IDS.cuda())
         got = split(IDS.cuda(), cache)
     assert got.device == want.device
-    assert (got - want).abs().max().item() <= 1e-4
+    assert_close(got, want)
     prompt = torch.tensor([1, 40, 41, 42, 43])
     assert torch.cat(list(generate_step(split, prompt, max_tokens=16))).tolist() \
         == torch.cat(list(generate_step(single, prompt, max_tokens=16))).tolist()

@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import assert_close
 from jamba_cli.errors import DependencyError, UsageError
 from jamba_cli.loader import load
 from jamba_cli.model import Linear
@@ -121,7 +122,8 @@ def test_int8_threshold_keeps_outlier_columns_exact(checkpoints):
     full, _ = load(directory, dtype="fp32", device="cpu")
     with_outliers, _ = load(directory, dtype="fp32", load_in_8bit=True)
     without, _ = load(directory, dtype="fp32", load_in_8bit=True, int8_threshold=0.0)
-    x = torch.randn(3, 64)
+    # many rows, seeded: the max error over 3 unseeded rows put the ratio below 3 for about 1 draw in 12
+    x = torch.randn(256, 64, generator=torch.Generator().manual_seed(0))
     x[:, 5] = 40.0  # one outlier feature, as LLM.int8 finds in real activations
     errors = []
     for model in (with_outliers, without):
@@ -129,7 +131,7 @@ def test_int8_threshold_keeps_outlier_columns_exact(checkpoints):
         with torch.no_grad():
             errors.append((layer(x) - full.model.layers[0].self_attn.q_proj(x)).abs().max().item())
     assert with_outliers.model.layers[0].self_attn.q_proj.state.threshold == 6.0
-    assert errors[0] < errors[1] / 3
+    assert errors[0] < errors[1] / 3, errors
 
 
 def test_stacked_and_per_expert_checkpoints_quantize_alike(checkpoints, tmp_path):
@@ -158,7 +160,7 @@ def test_offloaded_layers_stay_full_precision(checkpoints, tmp_path):
     assert quantized_names(split) == quantized_names(single) != set()
     assert footprint(split)["disk"] > 0
     with torch.no_grad():
-        assert (split(IDS) - single(IDS)).abs().max().item() <= 1e-5
+        assert_close(split(IDS), single(IDS), 1e-5)
 
 
 def test_footprint_counts_int8_bytes_and_row_scales(checkpoints):
