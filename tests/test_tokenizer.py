@@ -1,22 +1,16 @@
 """Chat templates against transformers' apply_chat_template, and the streaming detokenizer's invariant."""
 
 import json
-import os
 import random
 import shutil
 from pathlib import Path
 
 import pytest
 
+from conftest import shared_data
 from jamba_cli.errors import ChatTemplateError
 from jamba_cli.tokenizer import StreamingDetokenizer, load_tokenizer
 
-# The template Jamba Mini 1.7 ships is AI21's file, not vendored here: the tests that need it read it from
-# $JAMBA_SHARED_DATA or a shared/data folder beside the repository, and are skipped without it.
-_PLACES = [os.environ.get("JAMBA_SHARED_DATA", ""), Path(__file__).resolve().parents[1] / ".." / "shared" / "data",
-           "/work/shared/data"]
-TEMPLATE_17 = next((Path(p) / "jamba_1_7_chat_template.jinja" for p in _PLACES
-                    if p and (Path(p) / "jamba_1_7_chat_template.jinja").is_file()), None)
 TOOLS = [
     {"type": "function", "function": {"name": "get_weather", "description": "Weather for a city",
                                       "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
@@ -43,9 +37,8 @@ def jamba17(tokenizer_dir, tmp_path_factory):
     """(ours, transformers') tokenizers for a checkpoint that ships the Jamba Mini 1.7 template."""
     from transformers import AutoTokenizer
 
-    if TEMPLATE_17 is None:
-        pytest.skip("jamba_1_7_chat_template.jinja not found (set JAMBA_SHARED_DATA to its folder)")
-    d = _copy_tokenizer(tokenizer_dir, tmp_path_factory.mktemp("t17") / "tok", TEMPLATE_17.read_text())
+    template = shared_data("jamba_1_7_chat_template.jinja")  # AI21's file, read from the shared data
+    d = _copy_tokenizer(tokenizer_dir, tmp_path_factory.mktemp("t17") / "tok", template.read_text())
     return load_tokenizer(d), AutoTokenizer.from_pretrained(d)
 
 
