@@ -11,6 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import REPO, ROOT
+from hubserver import FakeHub
+
 # The tiny models run fastest on one thread, and far faster than on two when the CPU is shared.
 torch.set_num_threads(1)
 
@@ -47,13 +50,10 @@ def assert_close(actual, expected, rtol: float | None = None, *, norm: bool = Fa
     scale = e.abs().max().item() if e.numel() else 0.0
     torch.testing.assert_close(a, e, rtol=rtol, atol=rtol * scale, equal_nan=False, msg=lambda m: f"{m} {msg}")
 
-# The repository's root; the workplace's shared data folder lies beside it (../shared/data).
-ROOT = Path(__file__).resolve().parents[1]
-
-
 def shared_data(name: str) -> Path:
     """The path of `name` in the shared data folder, where AI21's own files (chat templates, tokenizers) are
-    kept: they are not ours to copy into the repository. The folder is ../shared/data beside the repository,
+    kept: they are not ours to copy into the repository. The folder is ../shared/data beside the repository
+    (ROOT),
     or $JAMBA_SHARED_DATA where set. Skips the calling test, naming the file, where it is absent."""
     override = os.environ.get("JAMBA_SHARED_DATA")
     folder = Path(override) if override else ROOT.parent / "shared" / "data"
@@ -228,3 +228,67 @@ def fitted_lm(tmp_path_factory, tokenizer_dir) -> tuple[Path, torch.Tensor]:
     """(checkpoint, held-out ids (2, 256)) of `build_fitted_lm`."""
     directory = tmp_path_factory.mktemp("fitted")
     return directory, build_fitted_lm(directory, tokenizer_dir)
+
+
+# -- the `jamba` process and the local Hub (tests/hubserver.py), for the CLI, process and download tests --
+
+@pytest.fixture(scope="session")
+def ckpt(checkpoints) -> str:
+    """The 4-layer checkpoint's directory: the cheapest model for CLI runs."""
+    return str(checkpoints["top1"][0])
+
+
+@pytest.fixture
+def env(tmp_path) -> dict[str, str]:
+    """The environment of a `jamba` process: this checkout importable, one thread, its history under tmp_path,
+    and none of the variables that change what it prints."""
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    out = dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS="1", XDG_STATE_HOME=str(tmp_path / "state"))
+    for name in ("NO_COLOR", "FORCE_COLOR", "JAMBA_DEBUG", "JAMBA_NOHISTORY", "JAMBA_MODEL"):
+        out.pop(name, None)
+    return out
+
+
+@pytest.fixture(scope="module")
+def repo_files(sharded_checkpoint) -> dict[str, bytes]:
+    """The files of helpers.REPO: the sharded checkpoint and what real repos carry next to the weights."""
+    files = {p.name: p.read_bytes() for p in sharded_checkpoint.iterdir()}
+    # the default selection must leave out the duplicates
+    files.update({"pytorch_model.bin": b"\x80\x02pickle" * 300, "model-q4_0.gguf": b"GGUF" + bytes(4000),
+                  "README.md": b"# jamba-tiny\n", ".gitattributes": b"*.safetensors filter=lfs\n",
+                  "chat_template.jinja": b"{{ messages[0]['content'] }}",
+                  "tokenizer.model": b"stand-in bytes: the loader reads tokenizer.json"})
+    return files
+
+
+@pytest.fixture(scope="module")
+def server():
+    # one server (one port) per module: huggingface_hub 0.x copies the resolve URL template at import
+    hub = FakeHub()
+    yield hub
+    hub.close()
+
+
+@pytest.fixture
+def hub(server, monkeypatch, tmp_path, repo_files):
+    """The local Hub serving helpers.REPO, with huggingface_hub and a fresh cache under tmp_path pointed at it.
+
+    huggingface_hub reads HF_ENDPOINT, HF_HUB_CACHE and HF_HUB_OFFLINE once, at import: in this process long
+    ago (transformers imports it). So this sets the environment, which jamba_cli.hub reads per call, and also
+    the values huggingface_hub took from it."""
+    import huggingface_hub.constants
+
+    server.reset()
+    server.add_commit(REPO, repo_files)
+    monkeypatch.setenv("HF_ENDPOINT", server.url)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "home"))
+    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    # what huggingface_hub read at import; its own side requests (the agent registry) must stay local too
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", server.url)
+    monkeypatch.setattr(huggingface_hub.constants, "HUGGINGFACE_CO_URL_TEMPLATE",
+                        server.url + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "cache"))  # loader.resolve's
+    return server

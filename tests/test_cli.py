@@ -14,11 +14,6 @@ from jamba_cli.generation import generate
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
-@pytest.fixture(scope="module")
-def ckpt(checkpoints):
-    return str(checkpoints["top1"][0])
-
-
 @pytest.fixture
 def jamba(ckpt, monkeypatch, tmp_path):
     """Run `jamba ARGS` in-process with the tiny checkpoint as JAMBA_MODEL; returns the Result."""

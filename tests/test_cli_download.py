@@ -1,17 +1,16 @@
 """`jamba download`, and `run -m REPO` fetching a missing model, against the local Hub of tests/hubserver.py
-(HF_ENDPOINT points at it; the fixtures come from test_hub.py)."""
+(HF_ENDPOINT points at it; the fixtures are conftest.py's)."""
 
 import subprocess
 from pathlib import Path
 
 from typer.testing import CliRunner
 
+from helpers import DEFAULT, REPO, SHARD1, SHARD2, Terminal, jamba as jamba_process, probe
 from hubserver import TOKEN
 from jamba_cli.cli import app
 from jamba_cli.cli_options import _complete_model
 from jamba_cli.hub import is_cached
-from test_cli_process import Terminal, _probe, env, jamba as jamba_process  # noqa: F401 (env is a fixture)
-from test_hub import DEFAULT, REPO, SHARD1, SHARD2, hub, repo_files, server  # noqa: F401 (fixtures)
 
 
 def jamba(*args, env=None):
@@ -117,6 +116,6 @@ def test_model_completion_offers_cached_repo_ids_without_heavy_imports(env, tmp_
         snapshot = tmp_path / "hub" / f"models--{repo.replace('/', '--')}" / "snapshots" / "abc"
         snapshot.mkdir(parents=True)
         (snapshot / "config.json").write_text("{}")
-    r = _probe(env, extra_env={"HF_HUB_CACHE": str(tmp_path / "hub"), "_JAMBA_COMPLETE": "complete_bash",
-                               "COMP_WORDS": "jamba chat -m ai21labs/jamba-t", "COMP_CWORD": "3"})
+    r = probe(env, extra_env={"HF_HUB_CACHE": str(tmp_path / "hub"), "_JAMBA_COMPLETE": "complete_bash",
+                              "COMP_WORDS": "jamba chat -m ai21labs/jamba-t", "COMP_CWORD": "3"})
     assert r.stdout.split() == ["ai21labs/jamba-tiny"] and r.stderr.endswith("HEAVY=")

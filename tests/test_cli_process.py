@@ -1,41 +1,15 @@
 """The real `jamba` process: pipes, exit statuses, Ctrl+C, a reader that goes away, terminals (pty), and
 start-up cost of --help and completion."""
 
-import fcntl
 import os
 import pty
-import select
 import signal
 import subprocess
-import sys
-import termios
 import time
 from pathlib import Path
 
-import pytest
-
+from helpers import ROOT, Terminal, jamba, probe
 from jamba_cli.generation import generate
-
-ROOT = Path(__file__).resolve().parents[1]
-HEAVY = ("torch", "numpy", "transformers", "huggingface_hub", "safetensors", "tokenizers")
-
-
-@pytest.fixture(scope="module")
-def ckpt(checkpoints):
-    return str(checkpoints["top1"][0])
-
-
-@pytest.fixture
-def env(tmp_path):
-    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    out = dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS="1", XDG_STATE_HOME=str(tmp_path / "state"))
-    for name in ("NO_COLOR", "FORCE_COLOR", "JAMBA_DEBUG", "JAMBA_NOHISTORY", "JAMBA_MODEL"):
-        out.pop(name, None)
-    return out
-
-
-def jamba(*args):
-    return [sys.executable, "-m", "jamba_cli", *map(str, args)]
 
 
 def expect(small, text, n, system=None):
@@ -110,76 +84,21 @@ def test_usage_errors_are_one_line(env):
                        b"(see 'jamba run --help')\n"
 
 
-PROBE = """import sys
-sys.argv = ["jamba", *sys.argv[1:]]
-try:
-    from jamba_cli.cli import main
-    main()
-except SystemExit:
-    pass
-sys.stderr.write("HEAVY=" + ",".join(sorted(m for m in sys.modules if m.split(".")[0] in {heavy!r})))
-"""
-
-
-def _probe(env, *args, extra_env=None):
-    code = PROBE.format(heavy=set(HEAVY))
-    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, env={**env, **(extra_env or {})},
-                          cwd=ROOT, timeout=60, text=True)
-
-
 def test_help_and_completion_import_no_torch(env, ckpt):
     for args in (["--help"], ["run", "--help"], ["chat", "--help"], ["download", "--help"], ["--version"]):
-        r = _probe(env, *args)
+        r = probe(env, *args)
         assert r.returncode == 0 and r.stderr.endswith("HEAVY="), (args, r.stderr)
-    r = _probe(env, "run", "--top-p", "1.5", "hi")  # a bad sampling value is refused before torch loads
+    r = probe(env, "run", "--top-p", "1.5", "hi")  # a bad sampling value is refused before torch loads
     assert "out of range" in r.stderr and r.stderr.endswith("HEAVY="), r.stderr
-    r = _probe(env, extra_env={"_JAMBA_COMPLETE": "complete_bash", "COMP_WORDS": "jamba run --mo", "COMP_CWORD": "2"})
+    r = probe(env, extra_env={"_JAMBA_COMPLETE": "complete_bash", "COMP_WORDS": "jamba run --mo", "COMP_CWORD": "2"})
     assert "--model" in r.stdout and r.stderr.endswith("HEAVY=")
     parent, name = os.path.split(ckpt)
-    r = _probe(env, extra_env={"_JAMBA_COMPLETE": "complete_bash", "COMP_WORDS": f"jamba run -m {parent}/{name[:2]}",
-                               "COMP_CWORD": "3"})
+    r = probe(env, extra_env={"_JAMBA_COMPLETE": "complete_bash", "COMP_WORDS": f"jamba run -m {parent}/{name[:2]}",
+                              "COMP_CWORD": "3"})
     assert f"{parent}/{name}" in r.stdout.split() and r.stderr.endswith("HEAVY=")
 
 
 # -- the REPL on a real terminal --
-
-class Terminal:
-    """A child process whose controlling terminal is a pty we type into."""
-
-    def __init__(self, args, env, stdout=None):
-        """`stdout`: None puts stdout on the terminal too; subprocess.PIPE keeps it apart."""
-        self.master, slave = pty.openpty()
-
-        def take_terminal():
-            os.setsid()
-            fcntl.ioctl(0, termios.TIOCSCTTY, 0)
-
-        self.proc = subprocess.Popen(args, stdin=slave, stdout=slave if stdout is None else stdout, stderr=slave,
-                                     env={**env, "TERM": "xterm"}, cwd=ROOT, preexec_fn=take_terminal)
-        os.close(slave)
-        self.seen = b""
-
-    def expect(self, text: bytes, timeout=60) -> bytes:
-        end = time.monotonic() + timeout
-        while text not in self.seen and time.monotonic() < end:
-            if select.select([self.master], [], [], 0.2)[0]:
-                try:
-                    self.seen += os.read(self.master, 65536)
-                except OSError:
-                    break
-        assert text in self.seen, self.seen[-500:]
-        before, _, self.seen = self.seen.partition(text)
-        return before
-
-    def type(self, keys: bytes, pause=0.5):
-        time.sleep(pause)  # let readline take the terminal before the keys arrive
-        os.write(self.master, keys)
-
-    def close(self):
-        self.proc.wait(timeout=60)
-        os.close(self.master)
-        return self.proc.returncode
-
 
 def test_interactive_chat(ckpt, env):
     history = Path(env["XDG_STATE_HOME"]) / "jamba" / "history"

@@ -2,9 +2,9 @@
 HTTP: HF_ENDPOINT points at it, and the checkpoint it serves is a real one that the loader then loads.
 
 huggingface_hub reads HF_ENDPOINT, HF_HUB_CACHE and HF_HUB_OFFLINE once, at import: in this process long ago
-(transformers imports it). So the `hub` fixture sets the environment, which hub.py reads per call, and also
-the values huggingface_hub took from it; one test runs a fresh interpreter with only the environment set,
-as the CLI runs.
+(transformers imports it). So the `hub` fixture (conftest.py) sets the environment, which hub.py reads per
+call, and also the values huggingface_hub took from it; one test runs a fresh interpreter with only the
+environment set, as the CLI runs.
 """
 from __future__ import annotations
 
@@ -17,52 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from hubserver import TOKEN, FakeHub
+from helpers import DEFAULT, REPO, SHARD1, SHARD2
+from hubserver import TOKEN
 from jamba_cli.hub import HubError, cached_repo_ids, download, is_cached, plan_download
-
-REPO = "ai21labs/jamba-tiny"
-SHARD1, SHARD2 = "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"
-DEFAULT = {"config.json", "generation_config.json", "model.safetensors.index.json", "tokenizer.json",
-           "tokenizer_config.json", "tokenizer.model", "chat_template.jinja", SHARD1, SHARD2}
-
-
-@pytest.fixture(scope="module")
-def repo_files(sharded_checkpoint) -> dict[str, bytes]:
-    files = {p.name: p.read_bytes() for p in sharded_checkpoint.iterdir()}
-    # what real repos carry next to the weights; the default selection must leave out the duplicates
-    files.update({"pytorch_model.bin": b"\x80\x02pickle" * 300, "model-q4_0.gguf": b"GGUF" + bytes(4000),
-                  "README.md": b"# jamba-tiny\n", ".gitattributes": b"*.safetensors filter=lfs\n",
-                  "chat_template.jinja": b"{{ messages[0]['content'] }}",
-                  "tokenizer.model": b"stand-in bytes: the loader reads tokenizer.json"})
-    return files
-
-
-@pytest.fixture(scope="module")
-def server():
-    # one server (one port) per module: huggingface_hub 0.x copies the resolve URL template at import
-    hub = FakeHub()
-    yield hub
-    hub.close()
-
-
-@pytest.fixture
-def hub(server, monkeypatch, tmp_path, repo_files):
-    import huggingface_hub.constants
-
-    server.reset()
-    server.add_commit(REPO, repo_files)
-    monkeypatch.setenv("HF_ENDPOINT", server.url)
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "home"))
-    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE"):
-        monkeypatch.delenv(var, raising=False)
-    # what huggingface_hub read at import; its own side requests (the agent registry) must stay local too
-    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", server.url)
-    monkeypatch.setattr(huggingface_hub.constants, "HUGGINGFACE_CO_URL_TEMPLATE",
-                        server.url + "/{repo_id}/resolve/{revision}/{filename}")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "cache"))  # loader.resolve's
-    return server
 
 
 def cache(tmp_path) -> Path:

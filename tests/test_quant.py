@@ -8,7 +8,6 @@ import sys
 import bitsandbytes as bnb
 import pytest
 import torch
-from torch import nn
 
 from conftest import assert_close
 from jamba_cli.errors import DependencyError, UsageError
