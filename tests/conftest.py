@@ -23,6 +23,14 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+
+def pytest_collection_modifyitems(config, items):
+    """The Triton kernel checks are slow on the CPU, in the interpreter: `pytest -m "not slow"` leaves them out."""
+    for item in items:
+        if item.path.name == "test_triton_kernels.py":
+            item.add_marker(pytest.mark.slow)
+
+
 # Relative tolerance of the numeric comparisons, by the lower precision of the two tensors compared: float
 # noise (another summation order, another CPU's vector width) stays far inside these, a wrong formula
 # does not. fp32 equals the transformers-parity bound the tests always used, now relative to the scale.

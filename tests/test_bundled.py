@@ -106,6 +106,7 @@ def test_chat_template_renders_the_jamba_format():
     assert eom in config["eos_token_id"] and 2 in config["eos_token_id"]
 
 
+@pytest.mark.slow
 def test_validation_perplexity_is_far_below_unigram(bundled, info):
     model, tok = bundled
     ids = tok.encode(EXCERPT.read_text(), add_special_tokens=False)
@@ -125,6 +126,7 @@ def _jamba(*args, stdin: str) -> "subprocess.CompletedProcess[str]":
                           env=env, timeout=120)
 
 
+@pytest.mark.slow
 def test_run_uses_the_bundled_model_by_default():
     r = _jamba("run", "-n", "60", "--seed", "0", "--raw", stdin="ROMEO:\n")
     assert r.returncode == 0, r.stderr
@@ -134,6 +136,7 @@ def test_run_uses_the_bundled_model_by_default():
     assert "<|" not in r.stdout
 
 
+@pytest.mark.slow
 def test_chat_answers_in_the_dialogue_style():
     replies = []
     for seed in range(3):  # sampled replies (generation_config.json): a few seeds, so one terse line cannot fail it

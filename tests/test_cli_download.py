@@ -4,6 +4,7 @@
 import subprocess
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from helpers import DEFAULT, REPO, SHARD1, SHARD2, Terminal, jamba as jamba_process, probe
@@ -73,6 +74,7 @@ def test_errors_are_one_line_and_never_show_the_token(hub, repo_files, tmp_path)
                                               "--cache-dir", tmp_path / "b"))
 
 
+@pytest.mark.slow
 def test_an_interrupted_download_finishes_on_the_next_run(hub):
     hub.drop(REPO, SHARD2, at=12_000_000, outage=True)
     assert "resumes" in one_line_error(jamba("download", REPO))
@@ -94,6 +96,7 @@ def test_run_fetches_a_missing_model_only_when_allowed(hub, monkeypatch):
     assert "jamba download ai21labs/other (offline mode is on)" in one_line_error(r)
 
 
+@pytest.mark.slow
 def test_a_terminal_asks_before_a_big_download_and_shows_progress(hub, env, tmp_path):
     env = {**env, "HF_ENDPOINT": hub.url, "HF_HUB_CACHE": str(tmp_path / "cache"), "HF_HOME": str(tmp_path / "home")}
     hub.repos[REPO].claimed_sizes[SHARD2] = 5 * 10**9

@@ -8,6 +8,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from helpers import ROOT, Terminal, jamba, probe
@@ -111,6 +112,7 @@ def test_help_and_completion_import_no_torch(env, ckpt):
 
 # -- the REPL on a real terminal --
 
+@pytest.mark.slow
 def test_interactive_chat(ckpt, env):
     history = Path(env["XDG_STATE_HOME"]) / "jamba" / "history"
     term = Terminal(jamba("chat", "-m", ckpt, "-n", 10**6, "--ignore-eos"), env)
@@ -130,6 +132,7 @@ def test_interactive_chat(ckpt, env):
     assert history.stat().st_mode & 0o777 == 0o600
 
 
+@pytest.mark.slow
 def test_no_history_when_asked(ckpt, env):
     term = Terminal(jamba("chat", "-m", ckpt, "-n", 1), {**env, "JAMBA_NOHISTORY": "1"})
     term.expect(b">>> ")

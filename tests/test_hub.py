@@ -156,6 +156,7 @@ def where(tmp_path, local_dir, name, repo_files) -> tuple[Path, Path]:
     return local_dir / name, local_dir / ".cache" / "huggingface" / "download" / f"{name}.{digest}.incomplete"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target", ["cache", "local_dir"])
 def test_interrupted_download_resumes_on_the_next_run(hub, tmp_path, repo_files, target):
     from jamba_cli.loader import load

@@ -209,6 +209,7 @@ def test_quantized_on_gpu_and_split_with_cpu(fitted_lm, full_precision, bits, sp
     assert abs(perplexity(model, held.cuda()) / full_precision[1] - 1) < (0.02 if bits == 8 else 0.05)
 
 
+@pytest.mark.slow
 def test_bundled_model_8bit_perplexity_within_2_percent():
     from pathlib import Path
 
