@@ -58,11 +58,11 @@ def assert_close(actual, expected, rtol: float | None = None, *, norm: bool = Fa
     scale = e.abs().max().item() if e.numel() else 0.0
     torch.testing.assert_close(a, e, rtol=rtol, atol=rtol * scale, equal_nan=False, msg=lambda m: f"{m} {msg}")
 
+
 def shared_data(name: str) -> Path:
     """The path of `name` in the shared data folder, where AI21's own files (chat templates, tokenizers) are
     kept: they are not ours to copy into the repository. The folder is ../shared/data beside the repository
-    (ROOT),
-    or $JAMBA_SHARED_DATA where set. Skips the calling test, naming the file, where it is absent."""
+    (ROOT), or $JAMBA_SHARED_DATA where set. Skips the calling test, naming the file, where it is absent."""
     override = os.environ.get("JAMBA_SHARED_DATA")
     folder = Path(override) if override else ROOT.parent / "shared" / "data"
     path = folder / name
