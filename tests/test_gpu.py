@@ -9,7 +9,6 @@ support it), so a mistake cannot hide in bf16 rounding. Errors are relative to t
 """
 
 import copy
-from dataclasses import replace
 
 import pytest
 import torch
