@@ -36,15 +36,15 @@ class KernelOptions:
         gemv_linears: one-token linears of the shapes our GEMV was tuned for take it instead of cuBLAS.
         pdl: launch decode-step kernels with programmatic dependent launch where the GPU has it (Hopper+).
         tiles: overrides of the kernels' tile tables by name (benchmarks): "linear" {(N, K): tile}, "dense",
-            "moe", "mamba_step", "scan", "attention_decode", "attention_prefill", "reference_scan_block".
+            "moe", "mamba_step", "scan", "conv", "attention_decode", "attention_prefill", "reference_scan_block".
         A choice whose package is not installed falls back to ours, and ours to PyTorch where Triton is
         missing.
     """
 
     backend: str = "auto"
     scan: str = "triton"
-    conv: str = "causal_conv1d"
-    step: str = "mamba_ssm"
+    conv: str = "causal_conv1d"  # where installed: alone, the faster on long prompts (results/conv_h100.json)
+    step: str = "triton"
     attention: str = "triton"
     gemv_linears: bool = True
     pdl: bool = True
