@@ -83,8 +83,8 @@ StopOpt = Annotated[list[str] | None, typer.Option("--stop", help="Stop at this 
 IgnoreEosOpt = Annotated[bool, typer.Option("--ignore-eos", help="Keep generating past end-of-text tokens.")]
 DTypeOpt = Annotated[DType, typer.Option(help="Weight dtype (auto: bf16 on GPU, fp32 on CPU when it fits).")]
 DeviceOpt = Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1, mps (default: cuda if available).")]
-KernelsOpt = Annotated[Kernels, typer.Option(help="auto: mamba-ssm, causal-conv1d and Triton kernels on CUDA when "
-                                             "installed; torch: plain PyTorch everywhere.")]
+KernelsOpt = Annotated[Kernels, typer.Option(help="auto: our Triton kernels on CUDA (causal-conv1d's conv where "
+                                             "installed); torch: plain PyTorch everywhere.")]
 DeviceMapOpt = Annotated[str | None, typer.Option(help="Split the model over devices: auto, balanced, "
                                                   "balanced_low_0, sequential, or a JSON file of module -> device.")]
 MaxMemOpt = Annotated[str | None, typer.Option(help="Memory per device for the map, e.g. 0=70GiB,1=80GiB,cpu=200GiB.")]

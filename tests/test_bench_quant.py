@@ -1,4 +1,4 @@
-"""The GPU benchmark script runs end to end on the CPU with a tiny shape (so the lead's run cannot fail on
+"""The GPU benchmark script runs end to end on the CPU with a tiny shape (so a run on a GPU cannot fail on
 something a CPU could have caught)."""
 
 import json
