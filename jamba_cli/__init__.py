@@ -24,6 +24,7 @@ _LAZY = {
     "make_cache": ("cache", "make_cache"),
     "JambaConfig": ("config", "JambaConfig"),
     "JambaForCausalLM": ("model", "JambaForCausalLM"),
+    "KernelOptions": ("kernels", "KernelOptions"),
     **{name: ("errors", name) for name in (
         "JambaError", "UsageError", "SamplingError", "DeviceMapError", "ConfigError", "CheckpointError",
         "ChatTemplateError", "ContextOverflowError", "PromptCacheError", "HubError", "DependencyError")},
