@@ -121,9 +121,8 @@ class Tokenizer:
         import jinja2
 
         try:
-            return _compile(source).render(messages=messages, tools=tools, documents=documents,
-                                           add_generation_prompt=add_generation_prompt,
-                                           **{**self.special_tokens, **kwargs})
+            return _render_bounded(_compile(source), messages=messages, tools=tools, documents=documents,
+                                   add_generation_prompt=add_generation_prompt, **{**self.special_tokens, **kwargs})
         except jinja2.TemplateError as e:
             raise ChatTemplateError(f"chat template: {e}") from None
 
@@ -150,6 +149,59 @@ def _jamba_format(messages: list[dict], add_generation_prompt: bool, bos_token: 
         parts.append(f"<|eom|><|bom|><|{m['role']}|> {content if isinstance(content, str) else json.dumps(content)}")
     parts.append("<|eom|><|bom|><|assistant|>" if add_generation_prompt else "<|eom|>")
     return "".join(parts)
+
+
+# A checkpoint's chat template is untrusted code, run in Jinja's sandbox (no attribute of the interpreter's
+# internals, no I/O, ranges of at most 100,000 items). The sandbox bounds neither time nor output, so a render
+# is stopped past these: far beyond what rendering a 256K-token conversation takes.
+TEMPLATE_SECONDS = 10.0
+TEMPLATE_MAX_CHARS = 64 << 20
+
+
+class _TemplateBudget(Exception):
+    pass
+
+
+def _render_bounded(template, **context) -> str:
+    """template.render(**context), stopped with a ChatTemplateError past TEMPLATE_SECONDS or
+    TEMPLATE_MAX_CHARS. Time is checked at every piece of output and every call the template makes, and on
+    the main thread also by an interval timer, which reaches loops that neither print nor call."""
+    import signal
+    import threading
+    import time
+
+    deadline = time.monotonic() + TEMPLATE_SECONDS
+    env = template.environment
+
+    def check():
+        if time.monotonic() > deadline:
+            raise _TemplateBudget(f"rendering took more than {TEMPLATE_SECONDS:.0f} s")
+
+    timer = hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
+    previous = None
+    if timer:
+        def on_alarm(signum, frame):
+            raise _TemplateBudget(f"rendering took more than {TEMPLATE_SECONDS:.0f} s")
+
+        previous = signal.signal(signal.SIGALRM, on_alarm)
+        signal.setitimer(signal.ITIMER_REAL, TEMPLATE_SECONDS)
+    env.budget_check = check
+    pieces, size = [], 0
+    try:
+        for piece in template.generate(**context):
+            pieces.append(piece)
+            size += len(piece)
+            if size > TEMPLATE_MAX_CHARS:
+                raise _TemplateBudget(f"the rendered prompt passed {TEMPLATE_MAX_CHARS >> 20} M characters")
+            check()
+    except _TemplateBudget as e:
+        raise ChatTemplateError(f"chat template stopped: {e}") from None
+    finally:
+        env.budget_check = None
+        if timer:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+    return "".join(pieces)
 
 
 @lru_cache(maxsize=8)
@@ -196,8 +248,15 @@ def _compile(source: str):
         # unlike jinja's own filter: no HTML escaping, and indent/separators are honoured
         return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[GenerationTag, loopcontrols])
+    class Environment(ImmutableSandboxedEnvironment):
+        budget_check = None  # set by _render_bounded for the length of a render
+
+        def call(__self, __context, __obj, *args, **kwargs):  # every call a template makes
+            if __self.budget_check is not None:
+                __self.budget_check()
+            return super().call(__context, __obj, *args, **kwargs)
+
+    env = Environment(trim_blocks=True, lstrip_blocks=True, extensions=[GenerationTag, loopcontrols])
     env.filters["tojson"] = tojson
     env.globals.update(raise_exception=raise_exception, namespace=Namespace,
                        strftime_now=lambda fmt: datetime.now().strftime(fmt))
