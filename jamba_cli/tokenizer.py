@@ -172,16 +172,22 @@ def _render_bounded(template, **context) -> str:
 
     deadline = time.monotonic() + TEMPLATE_SECONDS
     env = template.environment
+    stopped = []  # one stop only: the timer must not raise again while the first stop unwinds
+
+    def stop(reason: str):
+        if not stopped:
+            stopped.append(reason)
+            raise _TemplateBudget(reason)
 
     def check():
         if time.monotonic() > deadline:
-            raise _TemplateBudget(f"rendering took more than {TEMPLATE_SECONDS:.0f} s")
+            stop(f"rendering took more than {TEMPLATE_SECONDS:g} s")
 
     timer = hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
     previous = None
     if timer:
         def on_alarm(signum, frame):
-            raise _TemplateBudget(f"rendering took more than {TEMPLATE_SECONDS:.0f} s")
+            stop(f"rendering took more than {TEMPLATE_SECONDS:g} s")
 
         previous = signal.signal(signal.SIGALRM, on_alarm)
         signal.setitimer(signal.ITIMER_REAL, TEMPLATE_SECONDS)
@@ -192,8 +198,9 @@ def _render_bounded(template, **context) -> str:
             pieces.append(piece)
             size += len(piece)
             if size > TEMPLATE_MAX_CHARS:
-                raise _TemplateBudget(f"the rendered prompt passed {TEMPLATE_MAX_CHARS >> 20} M characters")
+                stop(f"the rendered prompt passed {TEMPLATE_MAX_CHARS >> 20} M characters")
             check()
+        stopped.append("done")  # a late timer is harmless from here on
     except _TemplateBudget as e:
         raise ChatTemplateError(f"chat template stopped: {e}") from None
     finally:
