@@ -577,8 +577,6 @@ def _hub_errors(repo_id: str, revision: str | None, endpoint: str):
     except _network_errors():  # before OSError: requests' errors are OSErrors too
         raise HubError(f"cannot reach {endpoint}: check the connection and {again}") from None
     except OSError as err:
-        if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-            raise HubError(f"cannot write {err.filename}: {err.strerror}") from None
         if err.errno != errno.ENOSPC:
             raise
         raise HubError(f"disk full while downloading {repo_id}; free some space and {again}") from None
