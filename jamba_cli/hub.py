@@ -7,10 +7,10 @@ passed the checks: names relative, with no `..`, `.` or empty segment, backslash
 character, no two that a case-insensitive or normalising file system would take for one file, none that
 reaches outside the destination through a link or lands on something that is not a regular file; commit
 ids and hashes in their hex form. A refused listing writes nothing. Each file is checked against the
-listing's sha256 (LFS) or git blob id before it takes its place, and no server may send more bytes than the
-listing states. huggingface_hub writes nothing online: its own writer names cache files after the server's
-ETag and X-Repo-Commit headers, unchecked. It lists the repo, builds URLs and headers, streams the bytes,
-maps the Hub's errors and serves offline use from the cache.
+listing's size and sha256 (LFS) or git blob id before it takes its place, and a server that sends more bytes
+than listed is cut off. huggingface_hub writes nothing here online (its own writer names cache files after
+the server's ETag and X-Repo-Commit headers, unchecked): it lists the repo, builds URLs and headers, streams
+the bytes, maps the Hub's errors and serves offline use from the cache.
 
 A partial file keeps a stable name beside its final place and is resumed with an HTTP Range request, also
 on the next run (huggingface_hub >= 1.x deletes an interrupted download: a multi-GB shard would start from
@@ -80,8 +80,7 @@ def check_revision(revision: str | None) -> None:
     """A branch, tag or commit name as git allows it (it names a file under the cache's refs/)."""
     if revision is None:
         return
-    parts = revision.split("/")
-    if _NOT_IN_REF.search(revision) or any(p in ("", ".", "..") or ".." in p for p in parts):
+    if _NOT_IN_REF.search(revision) or ".." in revision or any(p in ("", ".") for p in revision.split("/")):
         raise UsageError(f"`revision`: {revision!r} is not a branch, tag or commit name")
 
 
