@@ -87,9 +87,15 @@ def _model_dir(console, spec: str | None, revision: str | None, yes: bool) -> tu
     from . import hub
     from .loader import resolve
 
-    path = Path(spec).expanduser()
-    if path.is_dir() or not hub.REPO_ID.fullmatch(spec):
+    path, local = hub.expand_user(spec, "model"), hub.is_local_path(spec)
+    if path.is_dir() or (local and os.path.lexists(path)):  # a file: the loader says what is wrong
         return resolve(path), spec
+    if local:  # a path is never taken for a repo id, so it is never downloaded
+        why = ""
+        if hub.REPO_ID.fullmatch(spec):
+            why = f" ({spec.split('/')[0]}/ is a local folder, so this is a path, not a Hub repo id)"
+        raise CheckpointError(f"no such checkpoint directory: {spec}{why}")
+    hub.check_revision(revision)
     if hub.is_cached(spec, revision):  # the snapshot may hold only the default files: ask hub, not the loader
         return hub.download(spec, revision=revision, offline=True), spec
     return _fetch(console, spec, revision, yes), spec

@@ -14,12 +14,19 @@ EntryNotFound); unknown repos answer 401 without a token and 404 with one, like 
 recorded in `hub.log`. `hub.drop(repo_id, path, at=N)` makes the next GET of that file's blob close the
 connection after byte N, and with `outage=True` every later request gets 503 until `hub.down` is set back
 to False. `repo.claimed_sizes` makes the listing state a size other than the content's.
+
+A hostile mirror, for the download's safety checks: file names are served as listed, whatever they are
+(`../../X.safetensors`, absolute, backslashes, NUL), also at the URL an HTTP client makes of such a name by
+removing its dot segments; `repo.listed_sha` and `repo.claimed_sha256` make the listing state another
+commit id or LFS sha256 than the real ones, and `hub.forged_headers` are added to every resolve answer
+(e.g. an ETag or X-Repo-Commit naming a path outside the cache).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import posixpath
 import re
 import threading
 from dataclasses import dataclass, field
@@ -40,6 +47,8 @@ class Repo:
     refs: dict[str, str] = field(default_factory=dict)  # branch or tag -> sha
     gated: bool = False
     claimed_sizes: dict[str, int] = field(default_factory=dict)  # path -> size the listing states instead
+    claimed_sha256: dict[str, str] = field(default_factory=dict)  # path -> LFS sha256 the listing states instead
+    listed_sha: str | None = None  # the commit id the listing states instead of the real one
 
 
 class FakeHub:
@@ -59,6 +68,7 @@ class FakeHub:
         self.blobs: dict[str, bytes] = {}  # sha256 -> content, what the CDN serves
         self.log: list[dict] = []
         self.down = False
+        self.forged_headers: dict[str, str] = {}  # added to every resolve answer
         self._drops: dict[str, tuple[int, bool]] = {}  # sha256 -> (byte offset, outage afterwards)
 
     def close(self) -> None:
@@ -166,9 +176,29 @@ class _Handler(BaseHTTPRequestHandler):
             repo_id, kind, rev = m.group(1), m.group(2) or "revision", m.group(3) or "main"
             return self._api(repo_id, kind, rev, query.get("blobs", [""])[0].lower() == "true")
         m = re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)
+        if m and m.group(3) in self._files(m.group(1), m.group(2)):
+            return self._resolve(*m.groups())
+        found = self._dot_segments_removed(path)
+        if found:
+            return self._resolve(*found)
         if m:
             return self._resolve(*m.groups())
         self._error(404, None, "Not found")
+
+    def _files(self, repo_id: str, rev: str) -> dict[str, bytes]:
+        repo = self.server.hub.repos.get(repo_id)
+        return {} if repo is None else repo.commits.get(repo.refs.get(rev, rev), {})
+
+    def _dot_segments_removed(self, path: str) -> tuple[str, str, str] | None:
+        """(repo, rev, name) of a listed name whose resolve URL an HTTP client turns into `path` by removing
+        its dot segments (`a/resolve/main/../../X` -> `/a/X`): the hostile mirror serves it there too."""
+        for repo_id, repo in list(self.server.hub.repos.items()):
+            for rev in [*repo.refs, *repo.commits]:
+                for name in self._files(repo_id, rev):
+                    url = f"/{repo_id}/resolve/{rev}/{name}"
+                    if ".." in name.split("/") and posixpath.normpath(url) == path:
+                        return repo_id, rev, name
+        return None
 
     def _lookup(self, repo_id: str, rev: str, gate: bool) -> tuple[str, dict[str, bytes]] | None:
         """The commit for (repo, rev), or None after sending the error the Hub would send."""
@@ -198,7 +228,8 @@ class _Handler(BaseHTTPRequestHandler):
             size = repo.claimed_sizes.get(name, len(data))
             out = {"blobId": git_blob_sha1(data), "size": size}
             if name.endswith(LFS_SUFFIXES):
-                out["lfs"] = {"sha256": hashlib.sha256(data).hexdigest(), "size": size, "pointerSize": 134}
+                sha256 = repo.claimed_sha256.get(name, hashlib.sha256(data).hexdigest())
+                out["lfs"] = {"sha256": sha256, "size": size, "pointerSize": 134}
             return out
 
         if kind == "tree":
@@ -210,7 +241,7 @@ class _Handler(BaseHTTPRequestHandler):
                     tree[-1]["lfs"] = {"oid": m["lfs"]["sha256"], "size": m["size"], "pointerSize": 134}
             return self._json(tree)
         siblings = [{"rfilename": name, **(meta(name, data) if blobs else {})} for name, data in sorted(files.items())]
-        self._json({"_id": sha[:24], "id": repo_id, "modelId": repo_id, "sha": sha, "private": False,
+        self._json({"_id": sha[:24], "id": repo_id, "modelId": repo_id, "sha": repo.listed_sha or sha, "private": False,
                     "gated": "manual" if repo.gated else False, "disabled": False, "tags": [],
                     "lastModified": "2025-07-01T00:00:00.000Z", "siblings": siblings})
 
@@ -221,13 +252,13 @@ class _Handler(BaseHTTPRequestHandler):
         sha, files = found
         if path not in files:
             return self._error(404, "EntryNotFound", f"{path} does not exist on \"{rev}\"", {"X-Repo-Commit": sha})
-        data = files[path]
+        data, forged = files[path], self.server.hub.forged_headers
         if path.endswith(LFS_SUFFIXES):
             digest = hashlib.sha256(data).hexdigest()
             return self._send(302, {"Location": f"{self.server.hub.cdn_url}/{digest}", "X-Repo-Commit": sha,
                                     "X-Linked-Etag": f'"{digest}"', "X-Linked-Size": str(len(data)),
-                                    "ETag": f'"{git_blob_sha1(data)}"'})
-        self._body(data, {"ETag": f'"{git_blob_sha1(data)}"', "X-Repo-Commit": sha})
+                                    "ETag": f'"{git_blob_sha1(data)}"', **forged})
+        self._body(data, {"ETag": f'"{git_blob_sha1(data)}"', "X-Repo-Commit": sha, **forged})
 
     # --- CDN origin -------------------------------------------------------------------------------------
     def _cdn(self) -> None:

@@ -159,7 +159,7 @@ def test_empty_prompt_and_missing_model(jamba, monkeypatch):
 
 def test_runtime_errors_are_one_line_exit_1(jamba, tmp_path, checkpoints, monkeypatch):
     r = jamba("run", "-m", tmp_path / "nowhere", "hi")
-    assert r.exit_code == 1 and r.stderr.startswith("error: no checkpoint directory")
+    assert r.exit_code == 1 and r.stderr.startswith("error: no such checkpoint directory: ")
     assert r.stderr.count("\n") == 1 and "Traceback" not in r.output
     r = jamba("run", "-m", "nobody/nothing-here", "hi", env={"HF_HUB_CACHE": str(tmp_path / "hub"),
                                                             "HF_HUB_OFFLINE": "1"})

@@ -70,8 +70,8 @@ def test_errors_are_one_line_and_never_show_the_token(hub, repo_files, tmp_path)
     r = jamba("download", "ai21labs/gated", "--token", TOKEN)
     assert r.exit_code == 0 and TOKEN not in r.output
     assert "offline" in one_line_error(jamba("download", REPO, "--offline"))
-    assert "not both" in one_line_error(jamba("download", REPO, "--local-dir", tmp_path / "a",
-                                              "--cache-dir", tmp_path / "b"))
+    assert "--local-dir and --cache-dir exclude each other" in one_line_error(
+        jamba("download", REPO, "--local-dir", tmp_path / "a", "--cache-dir", tmp_path / "b"), code=2)
 
 
 @pytest.mark.slow

@@ -19,6 +19,7 @@ import pytest
 
 from helpers import DEFAULT, REPO, SHARD1, SHARD2
 from hubserver import TOKEN
+from jamba_cli.errors import UsageError
 from jamba_cli.hub import HubError, cached_repo_ids, download, is_cached, plan_download
 
 
@@ -131,7 +132,8 @@ def test_not_found_gated_and_token_handling(hub, tmp_path, repo_files, monkeypat
     assert "repository ai21labs/missing not found" in hub_error(download, "ai21labs/missing")
     assert "not found" in hub_error(download, "ai21labs/missing", token=TOKEN)
     assert "not found" in hub_error(plan_download, "ai21labs/missing")
-    assert "not a valid repo id" in hub_error(download, "bad//id")
+    with pytest.raises(UsageError, match="'bad//id' is not a Hub repo id"):  # the caller's mistake: exit 2
+        download("bad//id")
 
     hub.add_commit("ai21labs/gated", {"config.json": b"{}", "model.safetensors": repo_files[SHARD1]}, gated=True)
     assert "is gated" in hub_error(download, "ai21labs/gated")
@@ -225,7 +227,9 @@ def test_progress_only_when_asked(hub, capsys):
 
 
 def test_both_local_and_cache_dir_is_an_error(hub, tmp_path):
-    assert "not both" in hub_error(download, REPO, local_dir=tmp_path / "a", cache_dir=tmp_path / "b")
+    with pytest.raises(UsageError, match="`local_dir` and `cache_dir` exclude each other"):
+        download(REPO, local_dir=tmp_path / "a", cache_dir=tmp_path / "b")
+    assert hub.log == [] and not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
 def python_env() -> dict[str, str]:
