@@ -6,7 +6,9 @@ methods), so the CLI can build and check a `SamplingParams` before anything heav
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+import numbers
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING
 
@@ -19,22 +21,45 @@ if TYPE_CHECKING:
 Sampler = Callable[["torch.Tensor"], "torch.Tensor"]  # logits (B, V) -> tokens (B,)
 LogitsProcessor = Callable[["torch.Tensor", "torch.Tensor"], "torch.Tensor"]  # (history (B, L), logits) -> logits
 
-# The ranges of the options, checked here and nowhere else: option -> (test, rule with {} for the option's name).
+# The rules of the options, here and nowhere else: option -> (kind, test, rule with {0} for the option's name).
+# SamplingParams checks them when it is made, so the CLI flags, /set in the chat, a saved chat's settings and
+# the Python API all get the same ones. The bounds keep values away from internal errors:
+# - temperature: the logits are divided by it in float32. At 1e-45 (subnormal) every logit overflows to inf
+#   and sampling fails. 0.01 is the floor (vLLM clamps there too): it turns a logit gap of 0.25 into odds of
+#   e^25 to 1, so anything colder is greedy decoding (temperature 0) in all but overflow.
+# - repetition_penalty: seen logits are divided or multiplied by it; at 1e-300 they overflow, and beyond
+#   0.01..100 a seen token is as good as forced or banned already.
+# - seed: what torch.Generator.manual_seed takes (an unsigned 64-bit number); top_k: torch.topk's int32, far
+#   beyond any vocabulary (a k at least the vocabulary's size is off).
+MIN_TEMPERATURE = 0.01
 RANGES = {
-    "max_tokens": (lambda v: v >= 0, "{} >= 0"),
-    "temperature": (lambda v: v >= 0, "{} >= 0"),
-    "top_k": (lambda v: v >= 0, "{} >= 0"),
-    "top_p": (lambda v: 0 < v <= 1, "0 < {} <= 1"),
-    "min_p": (lambda v: 0 <= v < 1, "0 <= {} < 1"),
-    "repetition_penalty": (lambda v: v > 0, "{} > 0"),
+    "max_tokens": (int, lambda v: v >= 0, "{0} >= 0"),
+    "temperature": (float, lambda v: v == 0 or MIN_TEMPERATURE <= v < math.inf,
+                    f"{{0}} = 0 or {MIN_TEMPERATURE} <= {{0}} < inf"),
+    "top_k": (int, lambda v: 0 <= v < 2**31, "0 <= {0} < 2^31"),
+    "top_p": (float, lambda v: 0 < v <= 1, "0 < {0} <= 1"),
+    "min_p": (float, lambda v: 0 <= v < 1, "0 <= {0} < 1"),
+    "repetition_penalty": (float, lambda v: 0.01 <= v <= 100, "0.01 <= {0} <= 100"),
+    "seed": (int, lambda v: 0 <= v < 2**64, "0 <= {0} < 2^64"),
 }
+_KINDS = {int: (numbers.Integral, "an integer"), float: (numbers.Real, "a number")}
 
 
 def check_ranges(**values) -> None:
-    """Raise SamplingError for the first option out of its range; None (not given) passes."""
+    """Check options by RANGES; None (not given) passes.
+
+    Raises:
+        TypeError: an option is not of its kind (a bool is no number here).
+        SamplingError: an option is out of its range (NaN is out of every range).
+    """
     for name, value in values.items():
-        ok, rule = RANGES[name]
-        if value is not None and not ok(value):
+        if value is None:
+            continue
+        kind, ok, rule = RANGES[name]
+        accepted, what = _KINDS[kind]
+        if isinstance(value, bool) or not isinstance(value, accepted):
+            raise TypeError(f"{name} must be {what}, not {type(value).__name__}")
+        if not ok(value):
             raise SamplingError(name, value, rule)
 
 
@@ -101,8 +126,8 @@ class SamplingParams:
     """How to sample a reply: the one value the CLI, the chat session and the Python API pass around.
 
     A field left None takes the checkpoint's generation_config.json (`resolve`), else greedy decoding and
-    `defaults.MAX_TOKENS` (512) new tokens at most. The ranges are checked on construction (SamplingError,
-    a ValueError).
+    `defaults.MAX_TOKENS` (512) new tokens at most. The options are checked on construction by `RANGES`:
+    a value of the wrong type is a TypeError, one out of range a SamplingError (a ValueError).
     """
 
     max_tokens: int | None = None  # most tokens to sample
@@ -116,9 +141,14 @@ class SamplingParams:
     ignore_eos: bool = False  # keep going past end-of-text tokens
 
     def __post_init__(self):
-        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        stop = (self.stop,) if isinstance(self.stop, str) else self.stop or ()
+        stop = tuple(stop) if isinstance(stop, Iterable) else None
+        if stop is None or not all(isinstance(s, str) for s in stop):
+            raise TypeError(f"stop must be a text or a sequence of texts, not {self.stop!r}")
         object.__setattr__(self, "stop", stop)  # a list or None is taken too; a tuple is kept, so the value hashes
         check_ranges(**{name: getattr(self, name) for name in RANGES})
+        if not isinstance(self.ignore_eos, bool):
+            raise TypeError(f"ignore_eos must be True or False, not {type(self.ignore_eos).__name__}")
 
     @classmethod
     def from_generation_config(cls, config: dict) -> SamplingParams:

@@ -114,10 +114,11 @@ def test_stop_strings_and_eos(jamba, small):
     (["--top-p", "1.5"], "Invalid value for '--top-p': 1.5 is out of range (0 < top-p <= 1)"),
     (["--top-p", "0"], "Invalid value for '--top-p': 0.0 is out of range (0 < top-p <= 1)"),
     (["--min-p", "1"], "Invalid value for '--min-p': 1.0 is out of range (0 <= min-p < 1)"),
-    (["--temp", "-1"], "Invalid value for '--temperature' / '--temp': -1.0 is out of range (temperature >= 0)"),
-    (["--repetition-penalty", "0"], "'--repetition-penalty': 0.0 is out of range (repetition-penalty > 0)"),
+    (["--temp", "-1"], "Invalid value for '--temperature' / '--temp': -1.0 is out of range (temperature = 0 or "
+                            "0.01 <= temperature < inf)"),
+    (["--repetition-penalty", "0"], "'--repetition-penalty': 0.0 is out of range (0.01 <= repetition-penalty <= 100)"),
     (["-n", "-2"], "Invalid value for '--max-tokens' / '-n': -2 is out of range (max-tokens >= 0)"),
-    (["--top-k", "-1"], "Invalid value for '--top-k': -1 is out of range (top-k >= 0)"),
+    (["--top-k", "-1"], "Invalid value for '--top-k': -1 is out of range (0 <= top-k < 2^31)"),
     (["--format", "xml"], "xml"), (["--bogus"], "No such option"),
     (["--load-in-8bit", "--load-in-4bit"], "error: --load-in-8bit and --load-in-4bit exclude each other"),
 ])

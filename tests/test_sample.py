@@ -109,13 +109,13 @@ def test_stop_is_a_tuple_of_strings():
 
 @pytest.mark.parametrize("field, bad, good, message", [
     ("max_tokens", -1, 0, "max_tokens: -1 is out of range (max_tokens >= 0)"),
-    ("temperature", -0.5, 0.0, "temperature: -0.5 is out of range (temperature >= 0)"),
-    ("top_k", -1, 0, "top_k: -1 is out of range (top_k >= 0)"),
+    ("temperature", -0.5, 0.0, "temperature: -0.5 is out of range (temperature = 0 or 0.01 <= temperature < inf)"),
+    ("top_k", -1, 0, "top_k: -1 is out of range (0 <= top_k < 2^31)"),
     ("top_p", 0.0, 1.0, "top_p: 0.0 is out of range (0 < top_p <= 1)"),
     ("top_p", 1.5, 1e-6, "top_p: 1.5 is out of range (0 < top_p <= 1)"),
     ("min_p", 1.0, 0.0, "min_p: 1.0 is out of range (0 <= min_p < 1)"),
-    ("repetition_penalty", 0.0, 0.1, "repetition_penalty: 0.0 is out of range (repetition_penalty > 0)"),
-    ("temperature", float("nan"), 2.0, "temperature: nan is out of range (temperature >= 0)"),
+    ("repetition_penalty", 0.0, 0.1, "repetition_penalty: 0.0 is out of range (0.01 <= repetition_penalty <= 100)"),
+    ("temperature", float("nan"), 2.0, "temperature: nan is out of range (temperature = 0 or 0.01 <= temperature < inf)"),
 ])
 def test_each_range_is_checked_on_construction(field, bad, good, message):
     SamplingParams(**{field: good})
