@@ -45,12 +45,12 @@ def _root(version: Annotated[bool, typer.Option("--version", callback=_version, 
 @contextmanager
 def _reporting(console, ctx: typer.Context):
     """Turn failures into one line on stderr and an exit status (no traceback unless JAMBA_DEBUG=1)."""
-    from .terminal import silence_stdout
+    from .terminal import plain, silence_stdout
 
     try:
         yield
-    except JambaError as e:
-        console.print(f"[bold red]error:[/] {_escape(in_flags(ctx, str(e)))}", soft_wrap=True)
+    except JambaError as e:  # a message may quote a file (a tensor name, a path): plain() makes it inert
+        console.print(plain("error:", "bold red") + " " + plain(in_flags(ctx, str(e))), soft_wrap=True)
         raise typer.Exit(e.exit_code) from None
     except BrokenPipeError:
         silence_stdout()
@@ -64,15 +64,9 @@ def _reporting(console, ctx: typer.Context):
             raise
         what = "out of memory" if type(e).__name__ == "OutOfMemoryError" else type(e).__name__
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        console.print(f"[bold red]error:[/] {what}: {_escape(first)} (JAMBA_DEBUG=1 shows the traceback)",
-                      soft_wrap=True)
+        message = f"{what}: {first} (JAMBA_DEBUG=1 shows the traceback)"
+        console.print(plain("error:", "bold red") + " " + plain(message), soft_wrap=True)
         raise typer.Exit(1) from None
-
-
-def _escape(text) -> str:
-    from rich.markup import escape
-
-    return escape(str(text))
 
 
 def _model_dir(console, spec: str | None, revision: str | None, yes: bool) -> tuple[Path, str]:

@@ -1,9 +1,11 @@
-"""What `run` and `chat` show a person, on stderr: colour choice, the load progress bar, the stats line, and
-Ctrl+C handling that stops generation cleanly. stdout is left to the generated text."""
+"""What `run` and `chat` show a person, on stderr: colour choice, the load progress bar, the stats line, text
+from untrusted sources made inert, and Ctrl+C handling that stops generation cleanly. stdout is left to the
+generated text."""
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sys
 from collections.abc import Callable, Iterator
@@ -24,6 +26,43 @@ def stderr_console(color: str = "auto"):
     return Console(stderr=True, highlight=False)
 
 
+# What a terminal could act on, or what hides text from the person reading it: C0 controls (ESC starts escape
+# sequences: window title, clear screen, clipboard), DEL, C1 controls (0x9b is a one-byte CSI on some
+# terminals), the bidirectional overrides and isolates that reorder what is shown (Trojan Source), and lone
+# surrogates (bytes that were not UTF-8, kept by Python's surrogateescape). Tab and newline only where a text
+# of several lines is expected.
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+_UNSAFE_MULTILINE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+_NAMED = {"\n": "\\n", "\t": "\\t", "\r": "\\r"}
+
+
+def _shown(match: re.Match) -> str:
+    c = match.group()
+    if c in _NAMED:
+        return _NAMED[c]
+    code = ord(c)
+    if 0xDC80 <= code <= 0xDCFF:  # surrogateescape's stand-in for the byte code - 0xDC00
+        return f"\\x{code - 0xDC00:02x}"
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def printable(text, *, multiline: bool = False) -> str:
+    """`text` (a file name, a tensor name, a message built from a file, a line typed by a user) with every
+    character that a terminal would act on written out as an escape, as Python writes it (ESC as \\x1b, a
+    byte that was not UTF-8 as \\xNN): it shows what it holds, and cannot retitle the window, clear the
+    screen or hide a part of itself. `multiline`: newlines and tabs stay, for texts of several lines (a
+    system prompt); else they are escaped too, and the text stays on one line."""
+    return (_UNSAFE_MULTILINE if multiline else _UNSAFE).sub(_shown, str(text))
+
+
+def plain(text, style: str = "", *, multiline: bool = False):
+    """`printable(text)` as a rich Text: what a Console prints of it is the text itself, never read as markup
+    (`notes[draft].txt`, `a[/]b`) or emoji codes (`:smile:`)."""
+    from rich.text import Text
+
+    return Text(printable(text, multiline=multiline), style=style)
+
+
 @contextmanager
 def load_progress(console, label: str) -> Iterator[Callable[[int, int], None] | None]:
     """A (bytes done, bytes total) callback that drives a progress bar when stderr is a TTY, else None."""
@@ -32,9 +71,9 @@ def load_progress(console, label: str) -> Iterator[Callable[[int, int], None] | 
         return
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
+    with Progress(TextColumn("{task.description}", markup=False), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
                   console=console, transient=True) as bar:
-        task = bar.add_task(label, total=None)
+        task = bar.add_task(printable(label), total=None)  # the label holds the model's name, as typed
         yield lambda done, total: bar.update(task, completed=done, total=total)
 
 
