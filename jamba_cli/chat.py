@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import stat
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, fields, replace
 from pathlib import Path
@@ -24,6 +26,11 @@ from .quant import is_quantized
 from .sample import SamplingParams
 
 FORMAT = "jamba-chat/1"
+ROLES = ("user", "assistant")
+# A file read into a conversation (/read, /load) cannot fit the context when it has more bytes than this per
+# token of the context: tokens of real text average 3-5 bytes, the longest (runs of spaces) a few dozen. The
+# bound keeps /read of /dev/zero or a huge file from growing memory without end.
+MAX_BYTES_PER_TOKEN = 64
 
 
 class ChatSession:
@@ -80,15 +87,16 @@ class ChatSession:
                 is not kept.
         """
         self.messages.append({"role": "user", "content": text})
-        return self._reply(should_stop, self.sampling)
+        return self._reply(should_stop, self.sampling, undo=self.messages.pop)
 
     def regenerate(self, should_stop: Callable[[], bool]) -> Iterator[GenerationChunk]:
         """Stream the last reply again, sampled with a fresh seed, in place of the old one."""
         if not self.messages or self.messages[-1]["role"] != "assistant" or self._snapshot is None:
             raise JambaError("there is no reply to regenerate")
-        self.messages.pop()
+        last = self.messages.pop()
         self._restore(self._snapshot)
-        return self._reply(should_stop, replace(self.sampling, seed=secrets.randbelow(2**31)))
+        return self._reply(should_stop, replace(self.sampling, seed=secrets.randbelow(2**31)),
+                           undo=lambda: self.messages.append(last))
 
     @torch.inference_mode()
     def clear(self) -> None:
@@ -116,8 +124,14 @@ class ChatSession:
         self.seen = []
         return ids
 
-    def _reply(self, should_stop, sampling: SamplingParams) -> Iterator[GenerationChunk]:
-        ids = self.tokenizer.encode_chat(self.conversation(), add_generation_prompt=True)
+    def _reply(self, should_stop, sampling: SamplingParams, undo: Callable[[], object]) -> Iterator[GenerationChunk]:
+        """Stream a reply to the conversation; `undo` takes back the change to the messages that asked for it
+        when no reply can start (the template fails, or the conversation does not fit the context)."""
+        try:
+            ids = self.tokenizer.encode_chat(self.conversation(), add_generation_prompt=True)
+        except JambaError:
+            undo()
+            raise
         new = self._unseen(ids)
         with torch.inference_mode():
             self._snapshot = (self.cache.snapshot(), list(self.seen))
@@ -130,7 +144,7 @@ class ChatSession:
                 pieces.append(chunk.text)
                 yield chunk
         except ContextOverflowError:
-            self.messages.pop()
+            undo()
             raise
         except BaseException:
             self.seen = None
@@ -138,58 +152,212 @@ class ChatSession:
         self.seen = self.seen + new + sampled[:-1]
         self.messages.append({"role": "assistant", "content": "".join(pieces).strip()})
 
+    @property
+    def max_input_bytes(self) -> int:
+        """The most bytes a message or a file read into the conversation may have: more cannot fit the context."""
+        return MAX_BYTES_PER_TOKEN * self.context_size
+
     def save(self, path: Path) -> None:
-        """Write the conversation to `path` (JSON) and the model state next to it, as `path`.state."""
+        """Write the conversation to `path` (JSON, mode 0600) and the model state next to it, as `path`.state.
+
+        Either file is replaced only when it is a regular file; both are checked before either is written, and
+        each is written atomically (a crash leaves the old file or the new one). A `.state` from an earlier
+        save that this one has no state for is removed, so it cannot be taken for this conversation's.
+
+        Raises:
+            JambaError: a target exists and is no regular file (nothing was written), or cannot be written
+                (the conversation file was not).
+        """
         from . import prompt_cache
 
+        path = Path(path)
+        existing_targets(path)
+        state = _state_path(path)
         data = {"format": FORMAT, "model": self.name, "system": self.system, "messages": self.messages,
                 "settings": {**asdict(self.sampling), "stats": self.stats}}
-        tmp = path.with_name(f".{path.name}.tmp")
+        tmp = None
         try:
-            tmp.write_text(json.dumps(data, ensure_ascii=False, indent=1), encoding="utf-8")
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # mode 0600
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(json.dumps(data, ensure_ascii=False, indent=1))
+                f.flush()
+                os.fsync(f.fileno())
+            if self.seen:  # the state first: if it cannot be written, the conversation file stays as it was
+                prompt_cache.save(state, self.model, self.cache, self.seen)
+            else:
+                state.unlink(missing_ok=True)
             os.replace(tmp, path)
+            tmp = None
         except OSError as e:
-            tmp.unlink(missing_ok=True)
             raise JambaError(f"cannot write {path}: {e.strerror or e}") from None
-        if self.seen:
-            prompt_cache.save(_state_path(path), self.model, self.cache, self.seen)
+        finally:
+            if tmp is not None:
+                os.unlink(tmp)
 
     def load(self, path: Path) -> list[str]:
         """Take the conversation from a `save` file, and the model state too when `path`.state fits this
         model; settings already changed from their defaults (on the command line) win over saved ones.
+
+        Every value in the file is checked (types, the sampling ranges, roles) and the conversation must
+        render through the chat template before anything is taken.
 
         Returns:
             notes for the user: why the saved model state was not used (the conversation is then
             recomputed on the next turn), or nothing.
 
         Raises:
-            JambaError: the file is not a conversation saved by a chat session; the session is unchanged.
+            JambaError: the file cannot be read, or is not a conversation saved by a chat session; the message
+                names the file and the key at fault. The session is unchanged.
         """
         from . import prompt_cache
 
+        path = Path(path)
+        raw = read_file(path, self.max_input_bytes)
         try:
-            data = json.loads(Path(path).read_text(encoding="utf-8"))
-            if data.get("format") != FORMAT:
-                raise ValueError
-            messages = [{"role": str(m["role"]), "content": m["content"]} for m in data["messages"]]
-            saved = dict(data.get("settings") or {})
-            unset = SamplingParams()
-            sampling = replace(self.sampling, **{f.name: saved[f.name] for f in fields(SamplingParams)
-                                                 if f.name in saved and getattr(self.sampling, f.name)
-                                                 == getattr(unset, f.name)})
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):  # SamplingError is a ValueError
-            raise JambaError(f"{path} is not a conversation saved by jamba chat") from None
+            data = json.loads(raw.decode("utf-8"))
+        except (ValueError, RecursionError):  # not UTF-8, not JSON, nested too deep, a number too long
+            raise JambaError(f"{path} is not a conversation saved by jamba chat (not JSON)") from None
+        messages, system, saved, stats = _parse_saved(data, path)
+        unset = SamplingParams()
+        sampling = replace(self.sampling, **{name: value for name, value in saved.items()
+                                             if getattr(self.sampling, name) == getattr(unset, name)})
+        system = system or self.system
+        try:
+            self.tokenizer.encode_chat(([{"role": "system", "content": system}] if system else []) + messages,
+                                       add_generation_prompt=True)
+        except JambaError as e:
+            raise JambaError(f"{path}: {e}") from None
         self.clear()
-        self.messages, self.system, self.sampling = messages, data.get("system") or self.system, sampling
-        self.stats = self.stats or bool(saved.get("stats"))
-        state = _state_path(Path(path))
-        if state.exists():
+        self.messages, self.system, self.sampling = messages, system, sampling
+        self.stats = self.stats or stats
+        state = _state_path(path)
+        try:
+            regular = stat.S_ISREG(os.stat(state).st_mode)
+        except OSError:
+            return []  # no state saved: the conversation is computed on the next turn
+        if not regular:
+            return [f"{state} is not a regular file; the conversation will be recomputed"]
+        with torch.inference_mode():  # as in _restore: the cache's buffers may be inference tensors
             try:
-                with torch.inference_mode():  # as in _restore: the cache's buffers may be inference tensors
-                    self.seen = prompt_cache.load(state, self.model, self.cache)
+                self.seen = prompt_cache.load(state, self.model, self.cache)
             except JambaError as e:
+                self.cache.reset()  # a state refused half way may have filled part of the cache
                 return [f"{e}; the conversation will be recomputed"]
         return []
+
+
+def existing_targets(path: Path) -> list[Path]:
+    """Which of the files `ChatSession.save(path)` writes exist already: the conversation, its `.state`.
+
+    Raises:
+        JambaError: one of them exists and is no regular file (a symbolic link, directory, FIFO, device or
+            socket: save never replaces those), or its folder cannot be looked into.
+    """
+    found = [path] if _is_file(path) else []
+    state = _state_path(path)  # only now: "/" (a directory, refused) has no name to add .state to
+    return found + [state] if _is_file(state) else found
+
+
+def _is_file(target: Path) -> bool:
+    """Whether `target` exists (as a regular file); JambaError where it is something save never replaces."""
+    try:
+        mode = os.lstat(target).st_mode
+    except FileNotFoundError:
+        return False
+    except (OSError, ValueError) as e:  # ValueError: a NUL in the name
+        raise JambaError(f"cannot write {target}: {getattr(e, 'strerror', None) or e}") from None
+    if not stat.S_ISREG(mode):
+        raise JambaError(f"will not write {target}: it is {_kind(mode)}, not a regular file")
+    return True
+
+
+def read_file(path: Path, limit: int) -> bytes:
+    """The bytes of the regular file `path` (a symbolic link to one is followed), if it has at most `limit`.
+
+    A FIFO, device or directory is refused before it is read: reading one could block or never end.
+
+    Raises:
+        JambaError: the file cannot be read, is no regular file, or is larger than `limit`.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO with no writer: no wait
+    except (OSError, ValueError) as e:  # ValueError: a NUL in the name
+        raise JambaError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise JambaError(f"cannot read {path}: it is {_kind(info.st_mode)}, not a regular file")
+        if info.st_size > limit:
+            raise JambaError(f"{path} has {info.st_size:,} bytes, more than the context can hold")
+        with open(fd, "rb", closefd=False) as f:
+            data = f.read(limit + 1)
+    except OSError as e:
+        raise JambaError(f"cannot read {path}: {e.strerror or e}") from None
+    finally:
+        os.close(fd)
+    if len(data) > limit:  # it grew while we read
+        raise JambaError(f"{path} has more than {limit:,} bytes, more than the context can hold")
+    return data
+
+
+def _kind(mode: int) -> str:
+    return ("a symbolic link" if stat.S_ISLNK(mode) else "a directory" if stat.S_ISDIR(mode) else
+            "a FIFO" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else
+            "a socket" if stat.S_ISSOCK(mode) else "not a regular file")
+
+
+def _json_kind(value) -> str:
+    return ("null" if value is None else "true/false" if isinstance(value, bool) else
+            "a number" if isinstance(value, (int, float)) else "text" if isinstance(value, str) else
+            "a list" if isinstance(value, list) else "an object")
+
+
+def _parse_saved(data, path: Path) -> tuple[list[dict], str | None, dict, bool]:
+    """(messages, system prompt, sampling settings, stats) of a saved conversation, each value checked.
+
+    Raises:
+        JambaError: naming the file and the key at fault, e.g. `talk.json: settings.top_k must be an integer`.
+    """
+    def bad(key: str, problem: str) -> JambaError:
+        return JambaError(f"{path}: {key} {problem}")
+
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise JambaError(f"{path} is not a conversation saved by jamba chat")
+    for key in ("model", "system"):
+        if data.get(key) is not None and not isinstance(data[key], str):
+            raise bad(key, f"must be text, not {_json_kind(data[key])}")
+    if not isinstance(data.get("messages"), list):
+        raise bad("messages", f"must be a list, not {_json_kind(data.get('messages'))}")
+    messages = []
+    for i, message in enumerate(data["messages"]):
+        if not isinstance(message, dict):
+            raise bad(f"messages[{i}]", f"must be an object with a role and a content, not {_json_kind(message)}")
+        if message.get("role") not in ROLES:
+            raise bad(f"messages[{i}].role", f"must be {' or '.join(ROLES)}, not {json.dumps(message.get('role'))}")
+        if not isinstance(message.get("content"), str):
+            raise bad(f"messages[{i}].content", f"must be text, not {_json_kind(message.get('content'))}")
+        messages.append({"role": message["role"], "content": message["content"]})
+    settings = data.get("settings") or {}
+    if not isinstance(settings, dict):
+        raise bad("settings", f"must be an object, not {_json_kind(settings)}")
+    saved = {}
+    for name in (f.name for f in fields(SamplingParams)):
+        if name not in settings:
+            continue
+        value = settings[name]
+        if name == "stop":  # saved as a list; one text alone would be taken for a stop string of its own
+            if not isinstance(value, list):
+                raise bad("settings.stop", f"must be a list of texts, not {_json_kind(value)}")
+            value = tuple(value)
+        try:
+            SamplingParams(**{name: value})  # the rules of the flags and /set (sample.RANGES)
+        except (TypeError, ValueError) as e:  # SamplingError is a ValueError
+            raise JambaError(f"{path}: settings.{e}") from None
+        saved[name] = value
+    stats = settings.get("stats", False)
+    if not isinstance(stats, bool):
+        raise bad("settings.stats", f"must be true or false, not {_json_kind(stats)}")
+    return messages, data.get("system"), saved, stats
 
 
 def _state_path(path: Path) -> Path:

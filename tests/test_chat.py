@@ -35,12 +35,18 @@ def test_load_of_a_bad_file_raises_and_prints_nothing(small, tmp_path, capsys):
     model, tok = small
     s = ChatSession(model, tok, sampling=GREEDY)
     said(s.ask("One", lambda: False))
-    for text in ("[1, 2]", "not json", json.dumps({"format": "jamba-chat/1", "messages": [{"role": "user"}]}),
-                 json.dumps({"format": "jamba-chat/1", "messages": [], "settings": {"top_p": 7}})):
+    head = {"format": "jamba-chat/1"}
+    for text, message in [
+            ("[1, 2]", "bad.json is not a conversation saved by jamba chat"),
+            ("not json", "bad.json is not a conversation saved by jamba chat (not JSON)"),
+            (json.dumps({**head, "messages": [{"role": "user"}]}), "bad.json: messages[0].content must be text, not null"),
+            (json.dumps({**head, "messages": [], "settings": {"top_p": 7}}),
+             "bad.json: settings.top_p: 7 is out of range (0 < top_p <= 1)")]:
         (tmp_path / "bad.json").write_text(text)
-        with pytest.raises(JambaError, match="is not a conversation saved by jamba chat"):
+        with pytest.raises(JambaError) as err:
             s.load(tmp_path / "bad.json")
-    with pytest.raises(JambaError, match="is not a conversation saved"):
+        assert str(err.value) == f"{tmp_path}/{message}"
+    with pytest.raises(JambaError, match="cannot read .*missing.json: No such file or directory"):
         s.load(tmp_path / "missing.json")
     assert len(s.messages) == 2  # the session is as it was
     assert capsys.readouterr() == ("", "")
