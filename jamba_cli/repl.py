@@ -214,9 +214,10 @@ def _save(repl: Repl, arg: str, force: bool = False) -> None:
     existing = existing_targets(path)  # JambaError: a symlink, FIFO, device or directory, never replaced
     if existing and not force:
         names = " and ".join(map(str, existing))
+        exist, them = ("exists", "it") if len(existing) == 1 else ("exist", "them")
         if not repl.reader.interactive:
-            raise JambaError(f"{names} exists; /save! {arg} replaces it")
-        if not repl.reader.confirm(f"{names} exists. Replace it? [y/N] "):
+            raise JambaError(f"{names} {exist}; /save! {arg} replaces {them}")
+        if not repl.reader.confirm(printable(f"{names} {exist}. Replace {them}? [y/N] ")):
             repl.say("not saved", "dim")
             return
     repl.session.save(path)
