@@ -39,7 +39,8 @@ def test_load_of_a_bad_file_raises_and_prints_nothing(small, tmp_path, capsys):
     for text, message in [
             ("[1, 2]", "bad.json is not a conversation saved by jamba chat"),
             ("not json", "bad.json is not a conversation saved by jamba chat (not JSON)"),
-            (json.dumps({**head, "messages": [{"role": "user"}]}), "bad.json: messages[0].content must be text, not null"),
+            (json.dumps({**head, "messages": [{"role": "user"}]}),
+             "bad.json: messages[0].content must be text, not null"),
             (json.dumps({**head, "messages": [], "settings": {"top_p": 7}}),
              "bad.json: settings.top_p: 7 is out of range (0 < top_p <= 1)")]:
         (tmp_path / "bad.json").write_text(text)

@@ -115,7 +115,8 @@ def test_stop_is_a_tuple_of_strings():
     ("top_p", 1.5, 1e-6, "top_p: 1.5 is out of range (0 < top_p <= 1)"),
     ("min_p", 1.0, 0.0, "min_p: 1.0 is out of range (0 <= min_p < 1)"),
     ("repetition_penalty", 0.0, 0.1, "repetition_penalty: 0.0 is out of range (0.01 <= repetition_penalty <= 100)"),
-    ("temperature", float("nan"), 2.0, "temperature: nan is out of range (temperature = 0 or 0.01 <= temperature < inf)"),
+    ("temperature", float("nan"), 2.0,
+     "temperature: nan is out of range (temperature = 0 or 0.01 <= temperature < inf)"),
 ])
 def test_each_range_is_checked_on_construction(field, bad, good, message):
     SamplingParams(**{field: good})
