@@ -281,8 +281,10 @@ def chat(
             raise ChatTemplateError(f"{e}; use: jamba run --raw") from None
         session.stats = shared.stats
         if resume is not None:
+            from .terminal import plain
+
             for note in session.load(resume):
-                console.print(f"note: {translate(note)}", style="yellow", soft_wrap=True, markup=False)
+                console.print(plain(f"note: {translate(note)}", "yellow"), soft_wrap=True)
         history = not (no_history or os.environ.get("JAMBA_NOHISTORY"))
         raise typer.Exit(repl(session, console, history=history, translate=translate))
 
