@@ -14,21 +14,20 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import json
+import math
 import os
 import re
-import shutil
 import struct
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from . import devices, quant
+from . import checkpoint_files, devices, offload, quant
 from .config import JambaConfig
 from .defaults import INT8_SKIP, INT8_THRESHOLD, bundled_model_dir
-from .errors import CheckpointError, DeviceMapError, JambaError, UsageError
+from .errors import CheckpointError, ConfigError, DeviceMapError, JambaError, UsageError
 from .hub import REPO_ID
 from .kernels import KernelOptions
 from .model import JambaForCausalLM
@@ -42,8 +41,14 @@ _DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "
 DTYPE_NAMES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
                "float16": torch.float16, "half": torch.float16, "fp32": torch.float32, "float32": torch.float32}
 
-# per-expert keys on disk -> a slice of the stacked parameter in memory
-_EXPERT_KEY = re.compile(r"^(.*\.feed_forward\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+# per-expert keys on disk -> a slice of the stacked parameter in memory. The expert number is written as
+# Python writes it (no leading zero, ASCII digits): `experts.02` or `experts.٢` would otherwise name expert 2
+# a second time.
+_EXPERT_KEY = re.compile(r"(.*\.feed_forward\.experts)\.(0|[1-9][0-9]*)\.(gate_proj|up_proj|down_proj)\.weight")
+
+
+_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
+MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
 
 
 @dataclass
@@ -56,43 +61,96 @@ class TensorEntry:
 
 
 def read_header(path: Path) -> dict[str, TensorEntry]:
-    """Parse a safetensors header, checking that every tensor lies inside the file."""
+    """Parse and validate a safetensors header, as strictly as the safetensors library does and more: every
+    entry has a known dtype, a shape of non-negative integers and integer offsets that hold exactly its bytes;
+    the tensors tile the data section from its first byte to the end of the file, with no overlap, alias or
+    gap; no key is given twice. Each refusal is one line naming the file and the tensor.
+
+    The checks are our own, so that a message can name the tensor (the library's often gives a JSON column);
+    the library then parses the same header too (`_library_check`), so that nothing it refuses loads here."""
+    with checkpoint_files.open_regular(path) as f:
+        size = os.fstat(f.fileno()).st_size
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise CheckpointError(f"{path.name} is not a safetensors file (too short)")
+        (n,) = struct.unpack("<Q", raw)
+        if n > size - 8 or n > MAX_HEADER_BYTES:
+            raise CheckpointError(f"{path.name} is corrupt or truncated (header length {n} > file size {size})")
+        text = f.read(n)
+    what = f"{path.name} is corrupt: its safetensors header"
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            raw = f.read(8)
-            if len(raw) < 8:
-                raise CheckpointError(f"{path.name} is not a safetensors file (too short)")
-            (n,) = struct.unpack("<Q", raw)
-            if n > size - 8 or n > 100_000_000:
-                raise CheckpointError(f"{path.name} is corrupt or truncated (header length {n} > file size {size})")
-            header = json.loads(f.read(n))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise CheckpointError(f"{path.name} is corrupt: its safetensors header is not valid JSON") from None
-    except OSError as e:
-        raise CheckpointError(f"cannot read {path}: {e.strerror}") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path.name} is corrupt: its safetensors header is not a JSON object")
+        header = checkpoint_files.parse_json(text.decode("utf-8"), what)
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{what} is not valid JSON (not UTF-8)") from None
+    data_size = size - 8 - n
     entries = {}
     for name, info in header.items():
         if name == "__metadata__":
+            if not isinstance(info, dict) or not all(isinstance(v, str) for v in info.values()):
+                raise CheckpointError(f"{path.name} is corrupt: its __metadata__ must map strings to strings")
             continue
-        try:
-            dtype = _DTYPES[info["dtype"]]
-            shape = tuple(int(d) for d in info["shape"])
-            begin, end = (int(o) for o in info["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path.name} is corrupt: bad header entry for {name}") from None
-        numel = 1
-        for d in shape:
-            numel *= d
-        if end - begin != numel * dtype.itemsize or begin < 0:
-            raise CheckpointError(f"{path.name} is corrupt: {name} has {end - begin} bytes for shape {list(shape)}")
-        if 8 + n + end > size:
-            raise CheckpointError(f"{path.name} is truncated: {name} ends at byte {8 + n + end} "
+        shown = checkpoint_files.shown(name)
+        if not isinstance(info, dict):
+            raise CheckpointError(f"{path.name} is corrupt: the header entry for {shown} is not an object")
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if not isinstance(dtype, str) or dtype not in _DTYPES:
+            raise CheckpointError(f"{path.name} is corrupt: {shown} has dtype {_value(dtype)}; "
+                                  f"known: {', '.join(_DTYPES)}")
+        if not isinstance(shape, list) or not all(_is_size(d) for d in shape):
+            raise CheckpointError(f"{path.name} is corrupt: {shown} has shape {_value(shape)}, "
+                                  f"not a list of non-negative integers")
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_size(o) for o in offsets) \
+                or offsets[0] > offsets[1]:
+            raise CheckpointError(f"{path.name} is corrupt: {shown} has data_offsets {_value(offsets)}, "
+                                  f"not [begin, end] with integers 0 <= begin <= end")
+        begin, end = offsets
+        numel = math.prod(shape)
+        if end - begin != numel * _DTYPES[dtype].itemsize:
+            raise CheckpointError(f"{path.name} is corrupt: {shown} has {end - begin} bytes for shape {shape}")
+        if end > data_size:
+            raise CheckpointError(f"{path.name} is truncated: {shown} ends at byte {8 + n + end} "
                                   f"but the file has {size}")
-        entries[name] = TensorEntry(path, dtype, shape, 8 + n + begin, 8 + n + end)
+        entries[name] = TensorEntry(path, _DTYPES[dtype], tuple(shape), 8 + n + begin, 8 + n + end)
+    # the tensors must tile the data section, in offset order, as the library requires
+    at, before = 8 + n, None
+    for name, entry in sorted(entries.items(), key=lambda item: (item[1].begin, item[1].end)):
+        if entry.begin != at:
+            problem = f"overlaps {checkpoint_files.shown(before)}" if entry.begin < at else \
+                f"starts {entry.begin - at} bytes after the end of the tensor before it"
+            raise CheckpointError(f"{path.name} is corrupt: the bytes of {checkpoint_files.shown(name)} {problem}")
+        at, before = entry.end, name
+    if at != size:
+        raise CheckpointError(f"{path.name} is corrupt: its last {size - at} bytes belong to no tensor")
+    _library_check(path, entries)
     return entries
+
+
+def _library_check(path: Path, entries: dict[str, TensorEntry]) -> None:
+    """The safetensors library parses the header too and must agree with us tensor for tensor: whatever it
+    refuses is refused, and no header can mean one thing to it and another to us. It memory-maps the file
+    and reads only the header, so this costs neither time nor memory (benchmarks/bench_load.py)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            theirs = {k: f.get_slice(k) for k in f.keys()}
+            same = theirs.keys() == entries.keys() and all(
+                s.get_dtype() == _DTYPE_NAMES[entries[k].dtype] and tuple(s.get_shape()) == entries[k].shape
+                for k, s in theirs.items())
+    except (SafetensorError, OSError, ValueError) as e:
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path.name} is corrupt: {checkpoint_files.shown(detail)}") from None
+    if not same:
+        raise CheckpointError(f"{path.name} is corrupt: the safetensors library reads its header differently")
+
+
+def _is_size(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _value(value) -> str:
+    text = repr(value)
+    return checkpoint_files.shown(text if len(text) <= 60 else text[:57] + "...")
 
 
 def resolve(path_or_repo: str | os.PathLike, revision: str | None = None) -> Path:
@@ -117,24 +175,47 @@ def resolve(path_or_repo: str | os.PathLike, revision: str | None = None) -> Pat
     raise CheckpointError(f"no checkpoint directory at {name}")
 
 
+INDEX = "model.safetensors.index.json"
+
+
 def weight_files(directory: Path) -> list[Path]:
-    index = directory / "model.safetensors.index.json"
-    if index.exists():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise CheckpointError(f"{index.name} is not a valid safetensors index") from None
-        files = [directory / f for f in dict.fromkeys(weight_map.values())]
-        missing = [f.name for f in files if not f.exists()]
-        if missing:
-            raise CheckpointError(f"missing weight shard {missing[0]} (listed in {index.name})")
-        return files
-    if (directory / "model.safetensors").exists():
-        return [directory / "model.safetensors"]
+    """The safetensors files of the checkpoint: those its index names, else model.safetensors, else every
+    *.safetensors file. Each is a regular file inside the folder (checkpoint_files); an index entry that names
+    anything else is refused with the entry, and no path outside the folder is opened."""
+    index = directory / INDEX
+    if os.path.lexists(index):
+        return list(weight_map(directory))
+    single = directory / "model.safetensors"
+    if os.path.lexists(single):
+        return [checkpoint_files.check_file(single, directory)]
     files = sorted(directory.glob("*.safetensors"))
     if not files:
         raise CheckpointError(f"no safetensors weights in {directory}")
-    return files
+    return [checkpoint_files.check_file(f, directory) for f in files]
+
+
+def weight_map(directory: Path) -> dict[Path, set[str]]:
+    """The files of the index of `directory`, each with the tensors the index puts in it (file order kept)."""
+    index = checkpoint_files.check_file(directory / INDEX, directory)
+    data = checkpoint_files.read_json(index)
+    mapping = data.get("weight_map")
+    if not isinstance(mapping, dict) or not mapping:
+        raise CheckpointError(f"{INDEX} is not a valid safetensors index: its weight_map must map tensor names "
+                              f"to file names")
+    out: dict[Path, set[str]] = {}
+    checked: dict[str, Path] = {}
+    for tensor, name in mapping.items():
+        if not isinstance(name, str) or name not in checked:
+            entry = f"the entry for {checkpoint_files.shown(tensor)}"
+            try:
+                checked[name] = checkpoint_files.entry_path(directory, name, listed_in=INDEX, entry=entry)
+            except CheckpointError as e:
+                if str(e).endswith("which is missing"):  # inside the folder: the usual message for a lost shard
+                    raise CheckpointError(f"missing weight shard {checkpoint_files.shown(name)} "
+                                          f"(listed in {INDEX})") from None
+                raise
+        out.setdefault(checked[name], set()).add(tensor)
+    return out
 
 
 def default_dtype(config: JambaConfig, device: torch.device) -> torch.dtype:
@@ -165,17 +246,32 @@ class Step:
 
 
 def plan(model: JambaForCausalLM, entries: dict[str, TensorEntry]) -> list[Step]:
-    """Map each checkpoint tensor to the part of a parameter it fills; raises on any missing, unexpected or
-    misshapen tensor. Experts stacked on disk are split into one step per expert, like per-expert keys."""
+    """Map each checkpoint tensor to the part of a parameter it fills; raises on any missing, unexpected,
+    misshapen, non-float or twice-given tensor. Experts stacked on disk are split into one step per expert,
+    like per-expert keys."""
     shapes = {name: tuple(p.shape) for name, p in model.named_parameters(remove_duplicate=False)}
     tied = model.config.tie_word_embeddings
     covered: dict[str, set] = {}
     out = []
+
+    def cover(name: str, key: str, entry: TensorEntry, parts: set) -> None:
+        if covered.setdefault(name, set()) & parts:
+            raise CheckpointError(f"tensor {checkpoint_files.shown(key)} in {entry.file.name} gives weights that "
+                                  f"another tensor of the checkpoint already gives")
+        covered[name] |= parts
+
     for key in sorted(entries):
         entry = entries[key]
+        m = _EXPERT_KEY.fullmatch(key)
+        if m is None and key not in shapes:
+            raise CheckpointError(f"unexpected tensor {checkpoint_files.shown(key)} in {entry.file.name}")
+        if not entry.dtype.is_floating_point:
+            raise CheckpointError(f"{key} in {entry.file.name} has dtype {_DTYPE_NAMES[entry.dtype]}; "
+                                  f"weights are floating point (BF16, F16, F32)")
         if key == "lm_head.weight" and tied:
-            continue  # a tied head is the embedding; a saved copy of it is redundant
-        m = _EXPERT_KEY.match(key)
+            # a tied head is the embedding; a saved copy of it is redundant, but must be one
+            _check_shape(key, entry, shapes["model.embed_tokens.weight"])
+            continue
         if m:
             base, e, proj = m.group(1), int(m.group(2)), m.group(3)
             name = f"{base}.{'down_proj' if proj == 'down_proj' else 'gate_up_proj'}"
@@ -189,21 +285,19 @@ def plan(model: JambaForCausalLM, entries: dict[str, TensorEntry]) -> list[Step]
                 half = rows // 2
                 want, index = (half, cols), (e, slice(part * half, (part + 1) * half))
             _check_shape(key, entry, want)
-            covered.setdefault(name, set()).add((e, part))
+            cover(name, key, entry, {(e, part)})
             out.append(Step(name, entry, index))
             continue
-        if key not in shapes:
-            raise CheckpointError(f"unexpected tensor {key} in {entry.file.name}")
         _check_shape(key, entry, shapes[key])
         if key.endswith(("experts.gate_up_proj", "experts.down_proj")):
             per_expert = (entry.end - entry.begin) // entry.shape[0]
+            cover(key, key, entry, {(e, p) for e in range(entry.shape[0]) for p in (0, 1)})
             for e in range(entry.shape[0]):
                 begin = entry.begin + e * per_expert
                 out.append(Step(key, TensorEntry(entry.file, entry.dtype, entry.shape[1:], begin, begin + per_expert),
                                 (e,)))
-                covered.setdefault(key, set()).update((e, p) for p in (0, 1))
         else:
-            covered.setdefault(key, set()).add(None)
+            cover(key, key, entry, {None})
             out.append(Step(key, entry))
     for name, shape in shapes.items():
         if tied and name == "lm_head.weight":
@@ -237,8 +331,7 @@ class Placer:
         self.offload_dir = None
         if "disk" in where.values():
             try:
-                Path(offload_folder).mkdir(parents=True, exist_ok=True)
-                self.offload_dir = Path(tempfile.mkdtemp(prefix="jamba-offload-", dir=offload_folder))
+                self.offload_dir = offload.make_folder(offload_folder)
             except OSError as e:
                 raise JambaError(f"cannot use offload folder {offload_folder}: {e.strerror}") from None
         self.staged: dict[str, list] = {}  # weight name -> [buffer, elements still to come]
@@ -280,7 +373,7 @@ class Placer:
     def close(self) -> None:
         # the mapped files stay usable after unlinking; their space is freed when the process exits
         if self.offload_dir is not None:
-            shutil.rmtree(self.offload_dir, ignore_errors=True)
+            offload.remove(self.offload_dir)
 
     def _locate(self, name: str, index: tuple) -> tuple[str, tuple]:
         # expert e of a stacked parameter is its own linear once quantized (quant.QuantExperts)
@@ -314,6 +407,8 @@ def place(model: JambaForCausalLM, *, dtype: torch.dtype | None = None, device=N
     """
     if device is not None and device_map is not None:
         raise DeviceMapError("pass either `device` or `device_map`, not both")
+    if offload_folder is not None:
+        offload.sweep(offload_folder)  # what a killed load left behind
     budget = devices.parse_max_memory(max_memory) if isinstance(max_memory, str) else \
         devices.budget_bytes(max_memory) if max_memory else None
     if device_map is None:  # a budget alone asks for a planned map
@@ -343,39 +438,99 @@ def place(model: JambaForCausalLM, *, dtype: torch.dtype | None = None, device=N
     return Placer(model, where, dtype, quantized, offload_folder)
 
 
+def read_entries(directory: Path) -> dict[str, TensorEntry]:
+    """Every tensor of the checkpoint, from the headers of its safetensors files; a tensor given by two files,
+    or one that the index puts in a file that lacks it, is refused."""
+    listed = weight_map(directory) if os.path.lexists(directory / INDEX) else dict.fromkeys(weight_files(directory))
+    entries: dict[str, TensorEntry] = {}
+    for f, names in listed.items():
+        header = read_header(f)
+        if names is not None and not names <= header.keys():
+            lost = min(names - header.keys())
+            raise CheckpointError(f"{INDEX} puts tensor {checkpoint_files.shown(lost)} in {f.name}, "
+                                  f"which does not hold it")
+        for key, entry in header.items():
+            if key in entries:
+                raise CheckpointError(f"tensor {checkpoint_files.shown(key)} appears in both "
+                                      f"{entries[key].file.name} and {f.name}")
+            entries[key] = entry
+    return entries
+
+
+# What the weights say about a config key: (key, tensor name pattern, dimension, the key's value from the
+# config's value); used to name the key when a config asks for more weights than the files hold.
+_PROBES = [
+    ("vocab_size", re.compile(r"model\.embed_tokens\.weight"), 0, lambda c: c.vocab_size),
+    ("hidden_size", re.compile(r"model\.embed_tokens\.weight"), 1, lambda c: c.hidden_size),
+    ("num_experts", re.compile(r".*\.feed_forward\.router\.weight"), 0, lambda c: c.num_experts),
+    ("intermediate_size", re.compile(r".*\.feed_forward\.(experts\.[0-9]+\.)?down_proj\.weight"), 1,
+     lambda c: c.intermediate_size),
+    ("intermediate_size", re.compile(r".*\.feed_forward\.experts\.down_proj"), 2, lambda c: c.intermediate_size),
+    ("mamba_expand", re.compile(r".*\.mamba\.A_log"), 0, lambda c: c.d_inner),
+    ("mamba_d_state", re.compile(r".*\.mamba\.A_log"), 1, lambda c: c.mamba_d_state),
+    ("mamba_d_conv", re.compile(r".*\.mamba\.conv1d\.weight"), 2, lambda c: c.mamba_d_conv),
+    ("mamba_dt_rank", re.compile(r".*\.mamba\.dt_proj\.weight"), 1, lambda c: c.mamba_dt_rank),
+]
+_LAYER = re.compile(r"model\.layers\.(0|[1-9][0-9]*)\..*")
+
+
+def check_sizes(config: JambaConfig, entries: dict[str, TensorEntry], source: str) -> None:
+    """Hold the config's sizes against what the safetensors headers hold, before anything is built: a config
+    that asks for more weights than the files hold is refused, naming the key where the weights tell which,
+    so that a few bytes of config.json (`num_hidden_layers: 10000000`) cannot make the loader build or loop
+    over more than the files are worth. A small shortfall goes on to `plan`, which names the missing tensor."""
+    held = sum(math.prod(e.shape) for e in entries.values())
+    wanted = config.param_count()
+    if wanted <= held:
+        return
+    layers = {_LAYER.fullmatch(k).group(1) for k in entries if _LAYER.fullmatch(k)}
+    if config.num_hidden_layers > len(layers):
+        raise ConfigError(f"{source}: key 'num_hidden_layers' is {config.num_hidden_layers} but the weights "
+                          f"hold {len(layers)} layers")
+    for key, pattern, dim, expected in _PROBES:
+        seen = {k: e for k, e in entries.items() if pattern.fullmatch(k) and len(e.shape) > dim}
+        sizes = {e.shape[dim] for e in seen.values()}
+        if len(sizes) == 1 and sizes != {expected(config)}:  # the weights agree among themselves, not with it
+            name = min(seen)
+            raise ConfigError(f"{source}: key {key!r} is {getattr(config, key)} but {name} in "
+                              f"{seen[name].file.name} has shape {list(seen[name].shape)}")
+    if wanted > 2 * held:
+        raise ConfigError(f"{source}: its sizes describe {wanted:,} weights but the safetensors files hold "
+                          f"{held:,}")
+
+
 def load_model(directory: Path, *, progress: Progress | None = None, **placement) -> JambaForCausalLM:
     """The model in `directory`, placed as `place(**placement)` decides, its weights streamed shard by shard."""
-    config = JambaConfig.from_file(directory / "config.json")
-    entries: dict[str, TensorEntry] = {}
-    for f in weight_files(directory):
-        for key, entry in read_header(f).items():
-            if key in entries:
-                raise CheckpointError(f"tensor {key} appears in both {entries[key].file.name} and {f.name}")
-            entries[key] = entry
+    config_path = checkpoint_files.check_file(directory / "config.json", directory)
+    config = JambaConfig.from_file(config_path)
+    entries = read_entries(directory)
+    check_sizes(config, entries, str(config_path))  # before the model is built: its size is the config's
     with torch.device("meta"), _no_init():
         model = JambaForCausalLM(config)
     steps = plan(model, entries)  # raises before any memory is spent
-    placer = place(model, **placement)
+    placer = None
     try:
-        placer.allocate()
-        total = sum(s.entry.end - s.entry.begin for s in steps)
-        done = 0
-        by_file: dict[Path, list[Step]] = {}
-        for step in steps:
-            by_file.setdefault(step.entry.file, []).append(step)
-        for path, file_steps in by_file.items():
-            with open(path, "rb", buffering=0) as f:
-                for step in sorted(file_steps, key=lambda s: s.entry.begin):
-                    dest = placer.target(step.name, step.index)
-                    _read_into(f, step.entry, dest)
-                    placer.written(step.name, step.index, dest.numel())
-                    done += step.entry.end - step.entry.begin
-                    if progress:
-                        progress(done, total)
-    except BaseException:
-        placer.close()
-        raise
-    return placer.finish()
+        with offload.cleanup_on_signals():
+            placer = place(model, **placement)
+            placer.allocate()
+            total = sum(s.entry.end - s.entry.begin for s in steps)
+            done = 0
+            by_file: dict[Path, list[Step]] = {}
+            for step in steps:
+                by_file.setdefault(step.entry.file, []).append(step)
+            for path, file_steps in by_file.items():
+                with checkpoint_files.open_regular(path) as f:
+                    for step in sorted(file_steps, key=lambda s: s.entry.begin):
+                        dest = placer.target(step.name, step.index)
+                        _read_into(f, step.entry, dest)
+                        placer.written(step.name, step.index, dest.numel())
+                        done += step.entry.end - step.entry.begin
+                        if progress:
+                            progress(done, total)
+            return placer.finish()
+    finally:
+        if placer is not None:
+            placer.close()  # a no-op after finish; on an error or a signal, the offload folder goes
 
 
 @contextlib.contextmanager
@@ -478,6 +633,10 @@ def load(path_or_repo: str | os.PathLike | None = None, *, dtype: torch.dtype | 
     if not (directory / "config.json").exists():
         raise CheckpointError(f"no config.json in {directory}")
     tokenizer = load_tokenizer(directory)
+    config = JambaConfig.from_file(checkpoint_files.check_file(directory / "config.json", directory))
+    if tokenizer.vocab_size > config.vocab_size:
+        raise CheckpointError(f"tokenizer.json in {directory} has {tokenizer.vocab_size} tokens but config.json's "
+                              f"vocab_size is {config.vocab_size}: the ones past it have no embedding")
     if isinstance(kernels, str):
         try:
             kernels = KernelOptions(backend=kernels)

@@ -4,6 +4,7 @@ chat templates rendered as transformers renders them, and a streaming detokenize
 from __future__ import annotations
 
 import json
+import os
 import re
 from datetime import datetime
 from functools import cached_property, lru_cache
@@ -312,30 +313,111 @@ class StreamingDetokenizer:
 
 
 def load_tokenizer(directory: Path) -> Tokenizer:
+    """The tokenizer of the checkpoint in `directory`. Its files come from the checkpoint, so they are read as
+    untrusted (checkpoint_files): regular files inside the folder, each value checked for its type, a chat
+    template compiled here; every refusal names the file and the key."""
     from tokenizers import Tokenizer as HFTokenizer
 
+    from .checkpoint_files import check_file, read_text
+
     path = directory / "tokenizer.json"
-    if not path.exists():
+    if not os.path.lexists(path):
         raise CheckpointError(f"no tokenizer.json in {directory}")
+    check_file(path, directory)
+    if path.stat().st_size > MAX_TOKENIZER_BYTES:
+        raise CheckpointError(f"tokenizer.json in {directory} is too large ({path.stat().st_size:,} bytes)")
     try:
         tok = HFTokenizer.from_file(str(path))
     except Exception as e:  # tokenizers raises a bare Exception on malformed files
-        raise CheckpointError(f"tokenizer.json in {directory} cannot be read: {str(e).splitlines()[0]}") from None
-    config = _read_json(directory / "special_tokens_map.json")
-    config.update(_read_json(directory / "tokenizer_config.json"))
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"tokenizer.json in {directory} cannot be read: {_shown(first, 200)}") from None
+    config = _read_json(directory, "special_tokens_map.json")
+    config.update(_read_json(directory, "tokenizer_config.json"))
+    _check_tokenizer_config(config, "tokenizer_config.json")
     template = directory / "chat_template.jinja"
-    if template.exists():  # the separate file wins over tokenizer_config's entry, as in transformers
-        config["chat_template"] = template.read_text(encoding="utf-8")
-    return Tokenizer(tok, config, _read_json(directory / "generation_config.json"))
+    source = "tokenizer_config.json"
+    if os.path.lexists(template):  # the separate file wins over tokenizer_config's entry, as in transformers
+        config["chat_template"] = read_text(check_file(template, directory))
+        source = "chat_template.jinja"
+    generation = _read_json(directory, "generation_config.json")
+    _check_generation_config(generation)
+    tokenizer = Tokenizer(tok, config, generation)
+    for name, text in _templates(tokenizer.chat_template):
+        what = source if name is None else f"{source} (template {_shown(name)})"
+        try:  # a syntax error shows now, naming the file, rather than at the first chat message
+            _compile(text)
+        except ChatTemplateError as e:
+            raise CheckpointError(f"{what}: {str(e).removeprefix('chat template ')}") from None
+        except RecursionError:
+            raise CheckpointError(f"{what}: the chat template is nested too deeply") from None
+    return tokenizer
 
 
-def _read_json(path: Path) -> dict:
-    if not path.exists():
+MAX_TOKENIZER_BYTES = 512 << 20  # the largest vocabularies take tens of MB
+
+
+def _read_json(directory: Path, name: str) -> dict:
+    from .checkpoint_files import check_file, read_json
+
+    path = directory / name
+    if not os.path.lexists(path):
         return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path} must hold a JSON object")
-    return data
+    return read_json(check_file(path, directory))
+
+
+def _check_tokenizer_config(config: dict, source: str) -> None:
+    """The keys of tokenizer_config.json (and special_tokens_map.json) that are used, each of its JSON type."""
+    for name in SPECIAL_TOKEN_NAMES:
+        value = config.get(name)
+        if not (value is None or isinstance(value, str)
+                or (isinstance(value, dict) and isinstance(value.get("content"), (str, type(None))))):
+            raise CheckpointError(f"{source}: key {name!r} must be a token (a string, or an object with a string "
+                                  f"'content'), got {_shown(repr(value))}")
+    for name in ("add_bos_token", "add_eos_token"):
+        if name in config and not isinstance(config[name], bool):
+            raise CheckpointError(f"{source}: key {name!r} must be true or false, got {_shown(repr(config[name]))}")
+    template = config.get("chat_template")
+    if isinstance(template, list):
+        if not all(isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("template"), str)
+                   for t in template):
+            raise CheckpointError(f"{source}: key 'chat_template' must be a template or a list of "
+                                  f"{{\"name\": ..., \"template\": ...}} objects")
+    elif template is not None and not isinstance(template, str):
+        raise CheckpointError(f"{source}: key 'chat_template' must be a string, got {_shown(repr(template))}")
+
+
+# generation_config.json keys that are read, and the JSON type each must have (ranges: sample.py)
+_GENERATION_KEYS = {"temperature": "number", "top_p": "number", "min_p": "number", "repetition_penalty": "number",
+                    "top_k": "integer", "max_new_tokens": "integer", "do_sample": "bool", "eos_token_id": "ids"}
+
+
+def _check_generation_config(config: dict) -> None:
+    import math
+
+    def is_int(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    for key, kind in _GENERATION_KEYS.items():
+        value = config.get(key)
+        if value is None:
+            continue
+        ok = {"number": lambda v: is_int(v) or (isinstance(v, float) and math.isfinite(v)),
+              "integer": is_int, "bool": lambda v: isinstance(v, bool),
+              "ids": lambda v: (is_int(v) and v >= 0) or (isinstance(v, list) and all(is_int(i) and i >= 0 for i in v))
+              }[kind](value)
+        if not ok:
+            want = {"number": "a finite number", "integer": "an integer", "bool": "true or false",
+                    "ids": "a token id or a list of them"}[kind]
+            raise CheckpointError(f"generation_config.json: key {key!r} must be {want}, got {_shown(repr(value))}")
+
+
+def _templates(template) -> list[tuple[str | None, str]]:
+    if isinstance(template, dict):
+        return [(name, text) for name, text in template.items() if isinstance(text, str)]
+    return [(None, template)] if isinstance(template, str) else []
+
+
+def _shown(text: str, limit: int = 60) -> str:
+    """Text from a file, cut short, with control characters escaped, for a one-line message."""
+    text = text if len(text) <= limit else text[:limit - 3] + "..."
+    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
