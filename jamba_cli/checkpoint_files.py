@@ -105,19 +105,19 @@ def read_json(path: Path, error: type[JambaError] = CheckpointError, limit: int 
     return parse_json(read_text(path, error, limit), str(path), error)
 
 
-def parse_json(text: str | bytes, what: str, error: type[JambaError] = CheckpointError) -> dict:
+def parse_json(text: str, what: str, error: type[JambaError] = CheckpointError) -> dict:
     """`text` as a JSON object; a key given twice in an object is refused (two readers could each take a
     different one), and so is nesting too deep for Python or a number too long to convert."""
     try:
         data = json.loads(text, object_pairs_hook=_no_duplicates)
     except _Duplicate as e:
-        raise error(f"{what} is corrupt: key {shown(repr(e.args[0]))} appears twice") from None
+        raise error(f"{what} holds key {shown(repr(e.args[0]))} twice") from None
     except json.JSONDecodeError as e:
         raise error(f"{what} is not valid JSON: {e.msg} (line {e.lineno}, column {e.colno})") from None
-    except (ValueError, RecursionError, UnicodeDecodeError) as e:
-        # too deep, or an integer with more digits than Python converts
-        raise error(f"{what} is not valid JSON: {type(e).__name__ if isinstance(e, RecursionError) else e}") \
-            from None
+    except RecursionError:
+        raise error(f"{what} is not valid JSON for Python: it is nested too deeply") from None
+    except ValueError:  # the only other one json raises: an integer with more digits than Python converts
+        raise error(f"{what} is not valid JSON for Python: a number has too many digits") from None
     if not isinstance(data, dict):
         raise error(f"{what} must hold a JSON object")
     return data

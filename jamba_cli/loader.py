@@ -120,7 +120,8 @@ def read_header(path: Path) -> dict[str, TensorEntry]:
             raise CheckpointError(f"{path.name} is corrupt: the bytes of {checkpoint_files.shown(name)} {problem}")
         at, before = entry.end, name
     if at != size:
-        raise CheckpointError(f"{path.name} is corrupt: its last {size - at} bytes belong to no tensor")
+        after = f", after {checkpoint_files.shown(before)}," if before is not None else ""
+        raise CheckpointError(f"{path.name} is corrupt: its last {size - at} bytes{after} belong to no tensor")
     _library_check(path, entries)
     return entries
 

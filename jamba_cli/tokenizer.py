@@ -332,10 +332,12 @@ def load_tokenizer(directory: Path) -> Tokenizer:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"tokenizer.json in {directory} cannot be read: {_shown(first, 200)}") from None
     config = _read_json(directory, "special_tokens_map.json")
-    config.update(_read_json(directory, "tokenizer_config.json"))
-    _check_tokenizer_config(config, "tokenizer_config.json")
+    _check_tokenizer_config(config, "special_tokens_map.json")
+    own = _read_json(directory, "tokenizer_config.json")
+    _check_tokenizer_config(own, "tokenizer_config.json")
+    config.update(own)
     template = directory / "chat_template.jinja"
-    source = "tokenizer_config.json"
+    source = "tokenizer_config.json: key 'chat_template'"
     if os.path.lexists(template):  # the separate file wins over tokenizer_config's entry, as in transformers
         config["chat_template"] = read_text(check_file(template, directory))
         source = "chat_template.jinja"
@@ -343,13 +345,13 @@ def load_tokenizer(directory: Path) -> Tokenizer:
     _check_generation_config(generation)
     tokenizer = Tokenizer(tok, config, generation)
     for name, text in _templates(tokenizer.chat_template):
-        what = source if name is None else f"{source} (template {_shown(name)})"
+        what = source if name is None else f"{source} (template {_shown(repr(name))})"
         try:  # a syntax error shows now, naming the file, rather than at the first chat message
             _compile(text)
         except ChatTemplateError as e:
-            raise CheckpointError(f"{what}: {str(e).removeprefix('chat template ')}") from None
-        except RecursionError:
-            raise CheckpointError(f"{what}: the chat template is nested too deeply") from None
+            raise CheckpointError(f"{what}: {e}") from None
+        except (RecursionError, SyntaxError, MemoryError):  # Python's compiler refuses what jinja made of it
+            raise CheckpointError(f"{what}: the chat template is nested too deeply to compile") from None
     return tokenizer
 
 
