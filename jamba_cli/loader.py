@@ -70,13 +70,12 @@ def read_header(path: Path) -> dict[str, TensorEntry]:
     the library then parses the same header too (`_library_check`), so that nothing it refuses loads here."""
     with checkpoint_files.open_regular(path) as f:
         size = os.fstat(f.fileno()).st_size
-        raw = f.read(8)
-        if len(raw) < 8:
+        if size < 8:
             raise CheckpointError(f"{path.name} is not a safetensors file (too short)")
-        (n,) = struct.unpack("<Q", raw)
+        (n,) = struct.unpack("<Q", _read_exactly(f, 8, path))
         if n > size - 8 or n > MAX_HEADER_BYTES:
             raise CheckpointError(f"{path.name} is corrupt or truncated (header length {n} > file size {size})")
-        text = f.read(n)
+        text = _read_exactly(f, n, path)
     what = f"{path.name} is corrupt: its safetensors header"
     try:
         header = checkpoint_files.parse_json(text.decode("utf-8"), what)
@@ -130,7 +129,7 @@ def _library_check(path: Path, entries: dict[str, TensorEntry]) -> None:
     """The safetensors library parses the header too and must agree with us tensor for tensor: whatever it
     refuses is refused, and no header can mean one thing to it and another to us. It memory-maps the file
     and reads only the header, so this costs neither time nor memory (benchmarks/bench_load.py)."""
-    from safetensors import SafetensorError, safe_open
+    from safetensors import safe_open
 
     try:
         with safe_open(path, framework="pt") as f:
@@ -138,11 +137,24 @@ def _library_check(path: Path, entries: dict[str, TensorEntry]) -> None:
             same = theirs.keys() == entries.keys() and all(
                 s.get_dtype() == _DTYPE_NAMES[entries[k].dtype] and tuple(s.get_shape()) == entries[k].shape
                 for k, s in theirs.items())
-    except (SafetensorError, OSError, ValueError) as e:
+    except Exception as e:  # SafetensorError, mostly; whatever else it raises on this file is a refusal too
         detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path.name} is corrupt: {checkpoint_files.shown(detail)}") from None
     if not same:
         raise CheckpointError(f"{path.name} is corrupt: the safetensors library reads its header differently")
+
+
+def _read_exactly(f, n: int, path: Path) -> bytes:
+    data = bytearray()
+    try:
+        while len(data) < n:
+            chunk = f.read(n - len(data))
+            if not chunk:
+                raise CheckpointError(f"{path.name} is truncated")
+            data += chunk
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {e.strerror}") from None
+    return bytes(data)
 
 
 def _is_size(value) -> bool:

@@ -139,24 +139,26 @@ class FileOpens:
         os.close(self.fd)
 
 
+MEASURE = """import os, resource, signal, subprocess, sys
+code = subprocess.run(sys.argv[2:]).returncode
+with open(sys.argv[1], "w") as f:
+    f.write(str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024))
+if code < 0:
+    signal.signal(-code, signal.SIG_DFL)
+    os.kill(os.getpid(), -code)
+sys.exit(code)
+"""
+
+
 def run_measured(args, env, timeout=120, cwd=ROOT) -> tuple[int, str, str, int]:
-    """Run a command; (exit status, stdout, stderr, its own peak RSS in bytes), from wait4 on that child."""
-    out_path, err_path = Path(env["XDG_STATE_HOME"]).parent / "out.txt", Path(env["XDG_STATE_HOME"]).parent / "err.txt"
-    with open(out_path, "wb") as out, open(err_path, "wb") as err:
-        p = subprocess.Popen(args, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=env, cwd=cwd)
-        end = time.monotonic() + timeout
-        while True:
-            pid, status, usage = os.wait4(p.pid, os.WNOHANG)
-            if pid:
-                break
-            if time.monotonic() > end:
-                p.kill()
-                os.wait4(p.pid, 0)
-                pytest.fail(f"{args} still running after {timeout} s")
-            time.sleep(0.05)
-    p.returncode = os.waitstatus_to_exitcode(status)
-    return p.returncode, out_path.read_text(errors="replace"), err_path.read_text(errors="replace"), \
-        usage.ru_maxrss * 1024
+    """Run a command; (exit status, stdout, stderr, its peak RSS in bytes). A small Python process starts it
+    and reports the peak of its only child: started straight from pytest, the child's figure would include
+    the RSS of the pytest process it was forked from (Linux keeps the peak of the memory an exec replaces)."""
+    peak = Path(env["XDG_STATE_HOME"]).parent / "peak.txt"
+    r = subprocess.run([sys.executable, "-c", MEASURE, str(peak), *map(str, args)], capture_output=True,
+                       stdin=subprocess.DEVNULL, env=env, cwd=cwd, timeout=timeout)
+    return r.returncode, r.stdout.decode(errors="replace"), r.stderr.decode(errors="replace"), \
+        int(peak.read_text())
 
 
 def one_error_line(stderr: str) -> str:
