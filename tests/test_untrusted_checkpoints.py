@@ -278,6 +278,12 @@ def test_the_hugging_face_cache_layout_of_symlinks_into_blobs_still_loads(sharde
     assert refusal(snapshot).endswith("which is not a file inside the checkpoint folder")
 
 
+def test_a_link_to_a_checkpoint_folder_loads(ckpt, tmp_path):
+    os.symlink(ckpt, tmp_path / "link")
+    model, _ = load(tmp_path / "link", device="cpu", dtype="fp32")
+    assert model.config.num_hidden_layers == 4
+
+
 def test_config_and_tokenizer_files_that_are_fifos_or_links_out_are_refused(ckpt, tmp_path):
     for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json",
                  "chat_template.jinja"):
@@ -710,6 +716,10 @@ FILE_CASES = [
                          ("do_sample", "yes"), ("do_sample", 1), ("eos_token_id", "2"), ("eos_token_id", [-1]),
                          ("eos_token_id", [[2]])]],
     ("generation_config: a list", "generation_config.json", b"[0.7]", "must hold a JSON object"),
+    # of the right type but out of range: refused when the sampling options are first resolved
+    ("generation_config: temperature=-1", "generation_config.json", {"do_sample": True, "temperature": -1},
+     "temperature"),
+    ("generation_config: top_p=5", "generation_config.json", {"do_sample": True, "top_p": 5}, "top_p"),
     ("index: a list", INDEX, b"[]", "must hold a JSON object"),
     ("index: no weight_map", INDEX, {"weight_map": None}, "weight_map"),
     ("index: weight_map a list", INDEX, {"weight_map": ["model.safetensors"]}, "weight_map"),
