@@ -19,10 +19,22 @@ from .errors import CheckpointError, JambaError
 MAX_JSON_BYTES = 16 << 20  # config, index, tokenizer_config, generation_config, chat template: all far smaller
 
 
-def shown(text) -> str:
-    """`text` from a file, safe to print on one line: control characters (escape sequences, newlines) escaped."""
+def shown(text, limit: int = 200) -> str:
+    """`text` from a file (a tensor name, a path, a value), cut short and safe to print on one line: what a
+    terminal would act on is written out as an escape (terminal.printable)."""
+    from .terminal import printable
+
     text = str(text)
-    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
+    return printable(text if len(text) <= limit else text[:limit - 3] + "...")
+
+
+def value(v, limit: int = 60) -> str:
+    """A value read from a file, as Python writes it, for a message: cut short, safe to print."""
+    try:
+        text = repr(v)
+    except ValueError:  # an integer with more digits than Python prints
+        return "a very large integer"
+    return shown(text, limit)
 
 
 def roots(directory: Path) -> list[Path]:
@@ -38,7 +50,7 @@ def entry_path(directory: Path, name, *, listed_in: str, entry: str) -> Path:
     """The file that a name read from a file of the checkpoint (`listed_in`, at `entry`) means, checked to be a
     regular file inside the folder. The message for a name outside the folder does not depend on whether that
     outside path exists, and no path outside is ever opened."""
-    where = f"{listed_in}: {entry} names {shown(repr(name))}"
+    where = f"{listed_in}: {entry} names {value(name, 300)}"
     if not isinstance(name, str):
         raise CheckpointError(f"{where}, not a file name")
     parts = PurePosixPath(name).parts
@@ -111,7 +123,7 @@ def parse_json(text: str, what: str, error: type[JambaError] = CheckpointError) 
     try:
         data = json.loads(text, object_pairs_hook=_no_duplicates)
     except _Duplicate as e:
-        raise error(f"{what} holds key {shown(repr(e.args[0]))} twice") from None
+        raise error(f"{what} holds key {value(e.args[0])} twice") from None
     except json.JSONDecodeError as e:
         raise error(f"{what} is not valid JSON: {e.msg} (line {e.lineno}, column {e.colno})") from None
     except RecursionError:

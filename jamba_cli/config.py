@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .checkpoint_files import value as shown_value
 from .errors import ConfigError
 
 ACTIVATIONS = ("silu", "swish", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu")
@@ -77,7 +78,7 @@ class JambaConfig:
         for key, kind in _KINDS.items():
             value = getattr(self, key)
             if not _is(value, kind):
-                raise ConfigError(f"key {key!r} must be {_KIND_NAMES[kind]}, got {_shown(value)}")
+                raise ConfigError(f"key {key!r} must be {_KIND_NAMES[kind]}, got {shown_value(value)}")
 
     def _validate(self) -> None:
         ints = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -87,11 +88,11 @@ class JambaConfig:
         for key in ints:
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"key {key!r} must be a positive integer, got {_shown(value)}")
+                raise ConfigError(f"key {key!r} must be a positive integer, got {shown_value(value)}")
         for key in ("expert_layer_offset", "attn_layer_offset"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ConfigError(f"key {key!r} must be a non-negative integer, got {_shown(value)}")
+                raise ConfigError(f"key {key!r} must be a non-negative integer, got {shown_value(value)}")
         if self.attn_layer_offset >= self.attn_layer_period:
             raise ConfigError(f"key 'attn_layer_offset' ({self.attn_layer_offset}) must be smaller than "
                               f"'attn_layer_period' ({self.attn_layer_period})")
@@ -108,9 +109,11 @@ class JambaConfig:
             raise ConfigError(f"key 'num_experts_per_tok' ({self.num_experts_per_tok}) exceeds "
                               f"'num_experts' ({self.num_experts})")
         if self.hidden_act not in ACTIVATIONS:
-            raise ConfigError(f"key 'hidden_act' is {_shown(self.hidden_act)}; supported: {', '.join(ACTIVATIONS)}")
+            raise ConfigError(f"key 'hidden_act' is {shown_value(self.hidden_act)}; "
+                              f"supported: {', '.join(ACTIVATIONS)}")
         if not self.rms_norm_eps > 0:
-            raise ConfigError(f"key 'rms_norm_eps' must be a positive number, got {_shown(self.rms_norm_eps)}")
+            raise ConfigError(f"key 'rms_norm_eps' must be a positive number, "
+                              f"got {shown_value(self.rms_norm_eps)}")
         for token_id in self.eos_token_ids:
             if not 0 <= token_id < self.vocab_size:
                 raise ConfigError(f"key 'eos_token_id' holds {token_id!r}, not a token id below "
@@ -266,13 +269,3 @@ def _is(value, kind: int) -> bool:
     if kind == _STR_OR_NULL:
         return value is None or isinstance(value, str)
     return value is None or (isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value))
-
-
-def _shown(value) -> str:
-    """A value from the file, cut short and with control characters escaped, for a one-line message."""
-    try:
-        text = repr(value)
-    except ValueError:  # an integer with more digits than Python prints
-        return "a very large integer"
-    text = text if len(text) <= 60 else text[:57] + "..."
-    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import json
 import math
 import os
 import re
@@ -88,26 +87,26 @@ def read_header(path: Path) -> dict[str, TensorEntry]:
             if not isinstance(info, dict) or not all(isinstance(v, str) for v in info.values()):
                 raise CheckpointError(f"{path.name} is corrupt: its __metadata__ must map strings to strings")
             continue
-        shown = checkpoint_files.shown(name)
+        label = checkpoint_files.shown(name)
         if not isinstance(info, dict):
-            raise CheckpointError(f"{path.name} is corrupt: the header entry for {shown} is not an object")
+            raise CheckpointError(f"{path.name} is corrupt: the header entry for {label} is not an object")
         dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
         if not isinstance(dtype, str) or dtype not in _DTYPES:
-            raise CheckpointError(f"{path.name} is corrupt: {shown} has dtype {_value(dtype)}; "
+            raise CheckpointError(f"{path.name} is corrupt: {label} has dtype {checkpoint_files.value(dtype)}; "
                                   f"known: {', '.join(_DTYPES)}")
         if not isinstance(shape, list) or not all(_is_size(d) for d in shape):
-            raise CheckpointError(f"{path.name} is corrupt: {shown} has shape {_value(shape)}, "
+            raise CheckpointError(f"{path.name} is corrupt: {label} has shape {checkpoint_files.value(shape)}, "
                                   f"not a list of non-negative integers")
         if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_size(o) for o in offsets) \
                 or offsets[0] > offsets[1]:
-            raise CheckpointError(f"{path.name} is corrupt: {shown} has data_offsets {_value(offsets)}, "
-                                  f"not [begin, end] with integers 0 <= begin <= end")
+            raise CheckpointError(f"{path.name} is corrupt: {label} has data_offsets "
+                                  f"{checkpoint_files.value(offsets)}, not [begin, end] with 0 <= begin <= end")
         begin, end = offsets
         numel = math.prod(shape)
         if end - begin != numel * _DTYPES[dtype].itemsize:
-            raise CheckpointError(f"{path.name} is corrupt: {shown} has {end - begin} bytes for shape {shape}")
+            raise CheckpointError(f"{path.name} is corrupt: {label} has {end - begin} bytes for shape {shape}")
         if end > data_size:
-            raise CheckpointError(f"{path.name} is truncated: {shown} ends at byte {8 + n + end} "
+            raise CheckpointError(f"{path.name} is truncated: {label} ends at byte {8 + n + end} "
                                   f"but the file has {size}")
         entries[name] = TensorEntry(path, _DTYPES[dtype], tuple(shape), 8 + n + begin, 8 + n + end)
     # the tensors must tile the data section, in offset order, as the library requires
@@ -159,11 +158,6 @@ def _read_exactly(f, n: int, path: Path) -> bytes:
 
 def _is_size(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def _value(value) -> str:
-    text = repr(value)
-    return checkpoint_files.shown(text if len(text) <= 60 else text[:57] + "...")
 
 
 def resolve(path_or_repo: str | os.PathLike, revision: str | None = None) -> Path:

@@ -4,12 +4,15 @@ chat templates rendered as transformers renders them, and a streaming detokenize
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from datetime import datetime
 from functools import cached_property, lru_cache
 from pathlib import Path
 
+from .checkpoint_files import check_file, read_json, read_text, shown
+from .checkpoint_files import value as shown_value
 from .errors import ChatTemplateError, CheckpointError
 
 # transformers' named special tokens: the ones a chat template sees as variables
@@ -318,8 +321,6 @@ def load_tokenizer(directory: Path) -> Tokenizer:
     template compiled here; every refusal names the file and the key."""
     from tokenizers import Tokenizer as HFTokenizer
 
-    from .checkpoint_files import check_file, read_text
-
     path = directory / "tokenizer.json"
     if not os.path.lexists(path):
         raise CheckpointError(f"no tokenizer.json in {directory}")
@@ -330,7 +331,7 @@ def load_tokenizer(directory: Path) -> Tokenizer:
         tok = HFTokenizer.from_file(str(path))
     except Exception as e:  # tokenizers raises a bare Exception on malformed files
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"tokenizer.json in {directory} cannot be read: {_shown(first, 200)}") from None
+        raise CheckpointError(f"tokenizer.json in {directory} cannot be read: {shown(first)}") from None
     config = _read_json(directory, "special_tokens_map.json")
     _check_tokenizer_config(config, "special_tokens_map.json")
     own = _read_json(directory, "tokenizer_config.json")
@@ -345,7 +346,7 @@ def load_tokenizer(directory: Path) -> Tokenizer:
     _check_generation_config(generation)
     tokenizer = Tokenizer(tok, config, generation)
     for name, text in _templates(tokenizer.chat_template):
-        what = source if name is None else f"{source} (template {_shown(repr(name))})"
+        what = source if name is None else f"{source} (template {shown_value(name)})"
         try:  # a syntax error shows now, naming the file, rather than at the first chat message
             _compile(text)
         except ChatTemplateError as e:
@@ -359,8 +360,6 @@ MAX_TOKENIZER_BYTES = 512 << 20  # the largest vocabularies take tens of MB
 
 
 def _read_json(directory: Path, name: str) -> dict:
-    from .checkpoint_files import check_file, read_json
-
     path = directory / name
     if not os.path.lexists(path):
         return {}
@@ -374,10 +373,11 @@ def _check_tokenizer_config(config: dict, source: str) -> None:
         if not (value is None or isinstance(value, str)
                 or (isinstance(value, dict) and isinstance(value.get("content"), (str, type(None))))):
             raise CheckpointError(f"{source}: key {name!r} must be a token (a string, or an object with a string "
-                                  f"'content'), got {_shown(repr(value))}")
+                                  f"'content'), got {shown_value(value)}")
     for name in ("add_bos_token", "add_eos_token"):
         if name in config and not isinstance(config[name], bool):
-            raise CheckpointError(f"{source}: key {name!r} must be true or false, got {_shown(repr(config[name]))}")
+            raise CheckpointError(f"{source}: key {name!r} must be true or false, "
+                                  f"got {shown_value(config[name])}")
     template = config.get("chat_template")
     if isinstance(template, list):
         if not all(isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("template"), str)
@@ -385,41 +385,38 @@ def _check_tokenizer_config(config: dict, source: str) -> None:
             raise CheckpointError(f"{source}: key 'chat_template' must be a template or a list of "
                                   f"{{\"name\": ..., \"template\": ...}} objects")
     elif template is not None and not isinstance(template, str):
-        raise CheckpointError(f"{source}: key 'chat_template' must be a string, got {_shown(repr(template))}")
+        raise CheckpointError(f"{source}: key 'chat_template' must be a string, got {shown_value(template)}")
 
 
-# generation_config.json keys that are read, and the JSON type each must have (ranges: sample.py)
-_GENERATION_KEYS = {"temperature": "number", "top_p": "number", "min_p": "number", "repetition_penalty": "number",
-                    "top_k": "integer", "max_new_tokens": "integer", "do_sample": "bool", "eos_token_id": "ids"}
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return _is_int(v) or (isinstance(v, float) and math.isfinite(v))
+
+
+def _is_ids(v) -> bool:
+    return (_is_int(v) and v >= 0) or (isinstance(v, list) and all(_is_int(i) and i >= 0 for i in v))
+
+
+# generation_config.json's keys that are read: the JSON type each must have (their ranges are sample.py's)
+_GENERATION_KEYS = {
+    **dict.fromkeys(("temperature", "top_p", "min_p", "repetition_penalty"), (_is_number, "a finite number")),
+    **dict.fromkeys(("top_k", "max_new_tokens"), (_is_int, "an integer")),
+    "do_sample": (lambda v: isinstance(v, bool), "true or false"),
+    "eos_token_id": (_is_ids, "a token id or a list of them"),
+}
 
 
 def _check_generation_config(config: dict) -> None:
-    import math
-
-    def is_int(v):
-        return isinstance(v, int) and not isinstance(v, bool)
-
-    for key, kind in _GENERATION_KEYS.items():
-        value = config.get(key)
-        if value is None:
-            continue
-        ok = {"number": lambda v: is_int(v) or (isinstance(v, float) and math.isfinite(v)),
-              "integer": is_int, "bool": lambda v: isinstance(v, bool),
-              "ids": lambda v: (is_int(v) and v >= 0) or (isinstance(v, list) and all(is_int(i) and i >= 0 for i in v))
-              }[kind](value)
-        if not ok:
-            want = {"number": "a finite number", "integer": "an integer", "bool": "true or false",
-                    "ids": "a token id or a list of them"}[kind]
-            raise CheckpointError(f"generation_config.json: key {key!r} must be {want}, got {_shown(repr(value))}")
+    for key, (ok, want) in _GENERATION_KEYS.items():
+        if config.get(key) is not None and not ok(config[key]):
+            raise CheckpointError(f"generation_config.json: key {key!r} must be {want}, "
+                                  f"got {shown_value(config[key])}")
 
 
 def _templates(template) -> list[tuple[str | None, str]]:
     if isinstance(template, dict):
         return [(name, text) for name, text in template.items() if isinstance(text, str)]
     return [(None, template)] if isinstance(template, str) else []
-
-
-def _shown(text: str, limit: int = 60) -> str:
-    """Text from a file, cut short, with control characters escaped, for a one-line message."""
-    text = text if len(text) <= limit else text[:limit - 3] + "..."
-    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")

@@ -5,12 +5,10 @@ offloads to disk leaves no folder behind."""
 
 import ctypes
 import json
-import math
 import os
 import random
 import shutil
 import signal
-import stat
 import struct
 import subprocess
 import sys
