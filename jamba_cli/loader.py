@@ -1,7 +1,9 @@
 """Load a Jamba checkpoint (config.json + safetensors + tokenizer.json) from a directory or the HF cache.
 
-Pipeline: resolve the directory -> read config.json -> build the model on the meta device -> read every
-safetensors header and check the names and shapes against the model -> `place`: resolve the device map
+The checkpoint is untrusted input (checkpoint_files.py: which files may be read, and how). Pipeline: resolve
+the directory -> read config.json -> read and validate every safetensors header -> hold the config's sizes
+against them (`check_sizes`) -> build the model on the meta device -> check the tensors' names, shapes and
+dtypes against the model (`plan`) -> `place`: resolve the device map
 (devices.py) and swap the modules to quantize for bitsandbytes ones (quant.py), still on meta; nothing
 is allocated before all of this checks out -> allocate each parameter on its device (or memory-map it
 in the offload folder) -> read tensor bytes straight into it, shard by shard; a weight to quantize is
