@@ -29,7 +29,7 @@ from . import checkpoint_files, devices, offload, quant
 from .config import JambaConfig
 from .defaults import INT8_SKIP, INT8_THRESHOLD, bundled_model_dir
 from .errors import CheckpointError, ConfigError, DeviceMapError, JambaError, UsageError
-from .hub import REPO_ID
+from .hub import is_local_path
 from .kernels import KernelOptions
 from .model import JambaForCausalLM
 from .tokenizer import Tokenizer, load_tokenizer
@@ -170,7 +170,7 @@ def resolve(path_or_repo: str | os.PathLike, revision: str | None = None) -> Pat
     name = str(path_or_repo)
     if p.exists():
         raise CheckpointError(f"{name} is a file; point at the checkpoint directory")
-    if REPO_ID.fullmatch(name):
+    if not is_local_path(name):
         from huggingface_hub import snapshot_download
         from huggingface_hub.errors import LocalEntryNotFoundError
         try:
@@ -181,7 +181,7 @@ def resolve(path_or_repo: str | os.PathLike, revision: str | None = None) -> Pat
         except (LocalEntryNotFoundError, FileNotFoundError):
             raise CheckpointError(f"{name} is not in the local Hugging Face cache; "
                                   f"fetch it with: jamba download {name}") from None
-    raise CheckpointError(f"no checkpoint directory at {name}")
+    raise CheckpointError(f"no such checkpoint directory: {name}")
 
 
 INDEX = "model.safetensors.index.json"

@@ -157,20 +157,20 @@ class SamplingParams:
         defaults (temperature 1.0, top_k 50) for the ones it leaves out.
 
         Raises:
-            ConfigError: a value in the file is out of range.
+            ConfigError: a value in the file is of the wrong type or out of range.
         """
         def get(key, default):
             value = config.get(key)
             return default if value is None else value
 
         greedy = dict(temperature=0.0, top_k=0, top_p=1.0, min_p=0.0)
-        knobs = greedy if not config.get("do_sample") else dict(
-            temperature=float(get("temperature", 1.0)), top_k=int(get("top_k", 50)), top_p=float(get("top_p", 1.0)),
-            min_p=float(get("min_p", 0.0)))
         try:
+            knobs = greedy if not config.get("do_sample") else dict(
+                temperature=float(get("temperature", 1.0)), top_k=int(get("top_k", 50)),
+                top_p=float(get("top_p", 1.0)), min_p=float(get("min_p", 0.0)))
             return cls(max_tokens=int(config.get("max_new_tokens") or MAX_TOKENS),
                        repetition_penalty=float(get("repetition_penalty", 1.0)), **knobs)
-        except SamplingError as e:
+        except (SamplingError, TypeError, ValueError, OverflowError) as e:
             raise ConfigError(f"generation_config.json: {e}") from None
 
     def resolve(self, generation_config: dict) -> SamplingParams:
