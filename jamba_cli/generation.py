@@ -230,8 +230,9 @@ def prompt_ids(tokenizer: Tokenizer, prompt: str | Sequence[int] | Sequence[dict
 def stream_generate(model: JambaForCausalLM, tokenizer: Tokenizer, prompt: str | Sequence[int] | Sequence[dict],
                     sampling: SamplingParams | None = None, *, eos_token_ids: Sequence[int] | None = None,
                     cache: HybridCache | None = None, context_size: int | None = None,
-                    prompt_cache: str | os.PathLike | None = None, should_stop: Callable[[], bool] | None = None,
-                    prefill_chunk: int | None = None, **knobs) -> Iterator[GenerationChunk]:
+                    prompt_cache: str | os.PathLike | None = None, prompt_parts: Sequence[str] | None = None,
+                    should_stop: Callable[[], bool] | None = None, prefill_chunk: int | None = None,
+                    **knobs) -> Iterator[GenerationChunk]:
     """Continue `prompt` and yield a `GenerationChunk` per sampled token; the texts joined are the reply.
 
     Args:
@@ -243,8 +244,13 @@ def stream_generate(model: JambaForCausalLM, tokenizer: Tokenizer, prompt: str |
         cache: continue from this cache (it holds earlier turns); it is appended to. On return it holds
             the prompt and every sampled token but the last.
         context_size: most positions the cache may hold (default: the model's max_position_embeddings).
-        prompt_cache: a file with the cache state of an earlier prompt; when this prompt starts with the
-            same tokens only the rest is computed, and the state of this prompt is written back.
+        prompt_cache: a file with the model state of an earlier prompt (see prompt_cache.py): the longest
+            start this prompt shares with it, down to the last position where the file kept the Mamba
+            states, is restored and only the rest is computed; then this prompt's state is written back
+            (a regular file, mode 0600, replaced atomically).
+        prompt_parts: with `prompt_cache`, the texts `prompt` was made of, in order (a document, then a
+            question): the file also keeps the state at the end of each, so that a later prompt starting
+            with the same parts reuses them whatever follows.
         should_stop: polled between tokens; True ends the stream with finish_reason "interrupted".
         **knobs: `SamplingParams` fields as keywords (`max_tokens=64, temperature=0.7`), a shorthand
             for `sampling`; one given here (not None) wins over the same one in `sampling`.
@@ -253,6 +259,8 @@ def stream_generate(model: JambaForCausalLM, tokenizer: Tokenizer, prompt: str |
         TypeError: a knob is not a `SamplingParams` field (at the call, not at the first chunk).
         SamplingError: a sampling option is out of its range (at the call).
         ContextOverflowError: the prompt does not fit in `context_size`.
+        UsageError, PromptCacheError: `prompt_cache` is no regular file, was made by another model or dtype,
+            is malformed or cannot be written.
     """
     unknown = sorted(set(knobs) - SAMPLING_OPTIONS)
     if unknown:
@@ -261,12 +269,12 @@ def stream_generate(model: JambaForCausalLM, tokenizer: Tokenizer, prompt: str |
     # the stream is a generator, which runs nothing until the first chunk is asked for; the checks above
     # are done here so that a bad argument fails at the call, as Python's own argument errors do
     return _stream(model, tokenizer, prompt, params, eos_token_ids=eos_token_ids, cache=cache,
-                   context_size=context_size, prompt_cache=prompt_cache, should_stop=should_stop,
-                   prefill_chunk=prefill_chunk)
+                   context_size=context_size, prompt_cache=prompt_cache, prompt_parts=prompt_parts,
+                   should_stop=should_stop, prefill_chunk=prefill_chunk)
 
 
 def _stream(model, tokenizer, prompt, params: SamplingParams, *, eos_token_ids, cache, context_size, prompt_cache,
-            should_stop, prefill_chunk) -> Iterator[GenerationChunk]:
+            prompt_parts, should_stop, prefill_chunk) -> Iterator[GenerationChunk]:
     start = time.perf_counter()
     ids = prompt_ids(tokenizer, prompt)
     if not ids:
@@ -291,16 +299,26 @@ def _stream(model, tokenizer, prompt, params: SamplingParams, *, eos_token_ids, 
     if prompt_cache is not None:
         from . import prompt_cache as pc
 
-        cached = pc.restore(Path(prompt_cache), model, ids, cache)
+        path = pc.check_target(prompt_cache)  # before any work: a directory, a link or a pipe is refused
+        reused = pc.restore(path, model, ids, cache, context_size=context_size)
+        cached = reused.length
     _reset_peak_memory(head_device)
     new = torch.tensor(ids[cached:], device=model.device)[None]
     context = torch.tensor(ids[:cached], device=model.device)[None] if cached else None
     if prompt_cache is not None:
-        # the file keeps the state before the last prompt token: the model has to see one token to sample
-        prefill(model, new[:, :-1], cache, chunk=prefill_chunk)
-        if len(ids) - 1 > cached:
-            pc.save(Path(prompt_cache), model, cache, ids[:-1])
-        context, new = torch.tensor(ids[:-1], device=model.device)[None], new[:, -1:]
+        # the file keeps the state before the last prompt token (the model has to see one token to sample),
+        # and the Mamba states at the save points: the prefill stops at each to copy them, as a Mamba state
+        # cannot be recovered from a later one
+        whole = torch.tensor(ids, device=model.device)[None]
+        states, done = reused.states, cached
+        for point in pc.save_points(tokenizer, prompt, ids, prompt_parts, start=cached):
+            prefill(model, whole[:, done:point], cache, chunk=prefill_chunk)
+            done = point
+            if point < len(ids) - 1:
+                states[point] = pc.mamba_states(cache)
+        if done > cached:  # something was computed: this prompt's state replaces the file's
+            pc.save(path, model, cache, ids[:-1], states)
+        context, new = whole[:, :-1], whole[:, -1:]
 
     steps = generate_step(model, new, cache=cache, sampler=sampler, logits_processors=params.logits_processors(),
                           max_tokens=max_tokens, prefill_chunk=prefill_chunk, context=context)
