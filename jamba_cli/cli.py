@@ -148,8 +148,9 @@ def _read_text(path: Path | str, what: str) -> str:
         raise UsageError(f"cannot read {what} {path}: {e.strerror or e}") from None
 
 
-def _read_prompt(words: list[str], files: list[str]) -> str:
-    """stdin (when piped and not named by -f -), then the -f files in order, then the arguments."""
+def _read_prompt(words: list[str], files: list[str]) -> tuple[str, list[str]]:
+    """stdin (when piped and not named by -f -), then the -f files in order, then the arguments; returns the
+    prompt and the non-empty parts it joins (a prompt cache keeps the model state at the end of each)."""
     piped = not sys.stdin.isatty()
     parts = [_read_stdin()] if piped and "-" not in files else []
     parts += [_read_stdin() if f == "-" else _read_text(f, "prompt file") for f in files]
@@ -160,7 +161,7 @@ def _read_prompt(words: list[str], files: list[str]) -> str:
         if not (piped or files or words):
             raise UsageError('no prompt: try  jamba run "Hello"  or  echo Hello | jamba run  (jamba run --help)')
         raise UsageError("the prompt is empty")
-    return text
+    return text, [p for p in parts if p]
 
 
 def read_system(system: str | None, system_file: Path | None) -> str | None:
@@ -188,17 +189,21 @@ def run(
     """Generate a continuation of PROMPT and print only the generated text on stdout."""
     console = shared.console()
     with _reporting(console, shared.ctx):
-        text = _read_prompt(prompt or [], file or [])
+        text, parts = _read_prompt(prompt or [], file or [])
         system_text = read_system(shared.system, shared.system_file)
         if raw and system_text is not None:
             raise UsageError("--system needs the chat template; drop --raw")
+        if prompt_cache is not None:  # a directory, link, pipe or foreign file is refused before any work
+            from .prompt_cache import check_target
+
+            check_target(prompt_cache)
         loaded = load_model(console, shared.loading, stats=shared.stats)
         _generate(console, *loaded, text, system_text, raw=raw, format=format, shared=shared,
-                  prompt_cache=prompt_cache)
+                  prompt_cache=prompt_cache, parts=parts)
 
 
 def _generate(console, model, tokenizer, load_s, name, text, system_text, *, raw, format, shared: Shared,
-              prompt_cache) -> None:
+              prompt_cache, parts=()) -> None:
     import random
 
     from .generation import stream_generate
@@ -218,6 +223,7 @@ def _generate(console, model, tokenizer, load_s, name, text, system_text, *, raw
         try:
             for chunk in stream_generate(model, tokenizer, prompt, shared.sampling.override(seed=seed),
                                          context_size=shared.context_size, prompt_cache=prompt_cache,
+                                         prompt_parts=[p for p in (system_text, *parts) if p],
                                          should_stop=lambda: interrupt.requested):
                 last = chunk
                 pieces.append(chunk.text)
