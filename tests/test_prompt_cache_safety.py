@@ -185,6 +185,16 @@ def test_fingerprint_sees_sign_flips_in_the_top_bits(ckpt, small, tmp_path):
         assert pc.fingerprint(twin) != pc.fingerprint(model)
 
 
+def test_checksum_formulas_of_cpu_and_gpu_agree():
+    """The CPU sums rows by an integer matrix-vector product, the GPU (no integer matmul) by a product then
+    a sum: both wrap mod 2^64, so they agree (here both run on the CPU)."""
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randint(-2**63, 2**63 - 1, (3, 5000), dtype=torch.int64, generator=g)
+    c = torch.randint(-2**63, 2**63 - 1, (5000,), dtype=torch.int64, generator=g) | 1
+    want = [(sum(int(a) * int(b) for a, b in zip(row.tolist(), c.tolist())) + 2**63) % 2**64 - 2**63 for row in rows]
+    assert pc._row_sums(rows, c).tolist() == want == (rows * c).sum(1).tolist()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_fingerprint_is_the_same_on_every_device(ckpt):
     on_cpu, _ = load(ckpt, dtype="bf16", device="cpu")
