@@ -160,8 +160,8 @@ def check_target(path: str | os.PathLike, *, name: str = "`prompt_cache`", repla
         st = os.lstat(path)
     except FileNotFoundError:
         st = None
-    except OSError as e:
-        raise PromptCacheError(f"cannot write {_plain(name)} {path}: {e.strerror or e}") from None
+    except (OSError, ValueError) as e:  # ValueError: a NUL in the name
+        raise PromptCacheError(f"cannot write {_plain(name)} {path}: {getattr(e, 'strerror', None) or e}") from None
     if st is not None:
         kind = _kind(st.st_mode)
         if kind == "directory":
@@ -325,9 +325,10 @@ def mamba_states(cache: HybridCache) -> list[MambaState]:
 
 
 def save(path: str | os.PathLike, model: JambaForCausalLM, cache: HybridCache, tokens: list[int],
-         states: dict[int, list[MambaState]] | None = None) -> None:
+         states: dict[int, list[MambaState]] | None = None, *, replace_foreign: bool = False) -> None:
     """Write the state of a one-sequence `cache`, which has seen exactly `tokens`, to `path` (atomically,
     mode 0600; see `atomic_write`), with the Mamba `states` (from `mamba_states`) taken at earlier positions.
+    A regular file at `path` that is no prompt cache is replaced only with `replace_foreign`.
 
     Raises:
         UsageError, PromptCacheError: `path` is no place for a prompt cache, or cannot be written.
@@ -355,7 +356,7 @@ def save(path: str | os.PathLike, model: JambaForCausalLM, cache: HybridCache, t
             tensors[f"{i}.ssm"] = torch.cat([ssm for _, ssm in kept])
             m += 1
     meta = {"format": FORMAT, "fingerprint": fingerprint(model), "dtype": _dtype_name(model.dtype)}
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta), replace_foreign=replace_foreign)
 
 
 # -- reading: everything checked before anything is allocated --
@@ -535,8 +536,11 @@ def restore(path: str | os.PathLike, model: JambaForCausalLM, ids: list[int], ca
         PromptCacheError: as `load`.
     """
     path = Path(path)
-    if not os.path.lexists(path):
-        return Reused()
+    try:
+        if not os.path.lexists(path):
+            return Reused()
+    except ValueError:  # a NUL in the name
+        raise PromptCacheError(f"cannot read prompt cache {path}: embedded null byte") from None
     _regular(path)
 
     def use(file: _File) -> Reused:
@@ -554,7 +558,7 @@ def restore(path: str | os.PathLike, model: JambaForCausalLM, ids: list[int], ca
 def _regular(path: Path) -> None:
     try:
         mode = path.stat().st_mode  # a link to a regular file may be read
-    except OSError as e:
+    except (OSError, ValueError) as e:  # ValueError: a NUL in the name
         raise PromptCacheError(f"cannot read prompt cache {path}: {e.strerror or e}") from None
     kind = _kind(mode)
     if kind is not None:
