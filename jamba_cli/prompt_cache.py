@@ -40,7 +40,9 @@ if TYPE_CHECKING:
 # before the model loads, and refuse a bad path without the seconds torch's import takes
 
 FORMAT = "jamba-prompt-cache/2"
-EVERY = 4096  # tokens between Mamba states kept inside a long part; a state costs what ~1K tokens of K/V do
+# tokens between the Mamba states kept inside a long part: in Jamba Mini one state (all Mamba layers) has the
+# bytes of ~1K tokens of K/V, so they add at most about a quarter to a file, and prefill chunks stay long
+EVERY = 4096
 
 _ST_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64", "int64": "I64"}
 
