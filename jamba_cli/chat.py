@@ -12,7 +12,6 @@ import json
 import os
 import secrets
 import stat
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, fields, replace
 from pathlib import Path
@@ -177,7 +176,10 @@ class ChatSession:
                 "settings": {**asdict(self.sampling), "stats": self.stats}}
         tmp = None
         try:
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # mode 0600
+            # named after this process, so that one a killed save leaves is removed by the next save here
+            prompt_cache.remove_stale_temporaries(path.parent)
+            tmp = prompt_cache.temporary_name(path)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 f.write(json.dumps(data, ensure_ascii=False, indent=1))
                 f.flush()
@@ -239,7 +241,7 @@ class ChatSession:
             return [f"{state} is not a regular file; the conversation will be recomputed"]
         with torch.inference_mode():  # as in _restore: the cache's buffers may be inference tensors
             try:
-                self.seen = prompt_cache.load(state, self.model, self.cache)
+                self.seen = prompt_cache.load(state, self.model, self.cache, context_size=self.context_size)
             except JambaError as e:
                 self.cache.reset()  # a state refused half way may have filled part of the cache
                 return [f"{e}; the conversation will be recomputed"]

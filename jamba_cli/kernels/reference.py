@@ -102,8 +102,12 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offset:
     if offset == 0:
         with sdpa_backends():
             out = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1, enable_gqa=gqa)
-    else:  # the queries sit at the end: a lower-right causal mask, never materialised
-        # imported here: the module pulls in torch._dynamo (seconds) and most runs never need it
+    elif t * (offset + t) <= 1 << 24:  # the queries sit at the end: query i sees keys 0 .. offset + i
+        s = offset + t
+        mask = torch.arange(s, device=q.device)[None] <= torch.arange(offset, s, device=q.device)[:, None]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+    else:  # a mask too large to materialise: torch's lower-right causal bias, computed blockwise
+        # imported only here: the module pulls in torch._dynamo, seconds of start-up most runs never need
         from torch.nn.attention.bias import causal_lower_right
 
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(t, offset + t), enable_gqa=gqa)
