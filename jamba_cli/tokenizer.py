@@ -13,13 +13,21 @@ from pathlib import Path
 
 from .checkpoint_files import check_file, read_json, read_text, shown
 from .checkpoint_files import value as shown_value
-from .errors import ChatTemplateError, CheckpointError
+from .errors import ChatTemplateError, CheckpointError, ContextOverflowError
 
 # transformers' named special tokens: the ones a chat template sees as variables
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 # Jamba 1.5+ turn markup; a tokenizer that has these tokens gets the built-in format when it ships no template
 JAMBA_CHAT_TOKENS = ("<|bom|>", "<|eom|>", "<|system|>", "<|user|>", "<|assistant|>")
 END_OF_TURN = "<|eom|>"
+# A text longer than this (in characters) that must fit a limit is first counted in pieces of about this
+# size, so that one too long for the context is refused having tokenized only about the context's worth:
+# tokenizing takes many times the memory of the text it is given.
+PIECE_CHARS = 1 << 16
+# How many tokens the count of a text tokenized in pieces may exceed its count tokenized whole, per cut:
+# tokens that would merge across a cut, a prefix space added to a piece, a special token cut in two.
+# Generous: far above what Jamba's tokenizer showed with cuts in the middle of words.
+SLACK_PER_CUT = 32
 
 
 def _token_text(value) -> str | None:
@@ -66,16 +74,48 @@ class Tokenizer:
     def token_to_id(self, token: str | None) -> int | None:
         return None if token is None else self._tok.token_to_id(token)
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True, *, limit: int | None = None) -> list[int]:
+        """Token ids of `text`.
+
+        Args:
+            limit: the most tokens that can be taken (the context's size): more raise ContextOverflowError.
+                A long text is counted in pieces first, stopping once the count passes `limit`, so a text
+                far too long costs time and memory for about `limit` tokens, not for the whole of it.
+        """
+        if limit is not None and len(text) > PIECE_CHARS:
+            over = self._count_beyond(text, limit)
+            if over is not None:
+                raise ContextOverflowError(f"the prompt needs more than {over} tokens but the context holds {limit}")
         if not self._manual_specials:
-            return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
-        ids = self._tok.encode(text, add_special_tokens=False).ids
-        if add_special_tokens:
-            if self.add_bos_token and self.bos_token_id is not None:
-                ids = [self.bos_token_id] + ids
-            if self.add_eos_token and self.eos_token_id is not None:
-                ids = ids + [self.eos_token_id]
+            ids = self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        else:
+            ids = self._tok.encode(text, add_special_tokens=False).ids
+            if add_special_tokens:
+                if self.add_bos_token and self.bos_token_id is not None:
+                    ids = [self.bos_token_id] + ids
+                if self.add_eos_token and self.eos_token_id is not None:
+                    ids = ids + [self.eos_token_id]
+        if limit is not None and len(ids) > limit:
+            raise ContextOverflowError(f"the prompt needs {len(ids)} tokens but the context holds {limit}")
         return ids
+
+    def _count_beyond(self, text: str, limit: int) -> int | None:
+        """A count of tokens that `text` surely exceeds, when that count is more than `limit`; else None.
+
+        The text is tokenized a piece at a time, each cut before a space or line break where there is one
+        near, and counting stops once the pieces' count, less `SLACK_PER_CUT` for each cut and for the end
+        (a longer text can merge into the last piece's tokens), is past `limit`."""
+        count = cuts = start = 0
+        while start < len(text):
+            end = start + PIECE_CHARS
+            if end < len(text):
+                cut = max(text.rfind(" ", end - PIECE_CHARS // 2, end), text.rfind("\n", end - PIECE_CHARS // 2, end))
+                end = cut if cut > start else end
+            count += len(self._tok.encode(text[start:end], add_special_tokens=False))
+            start, cuts = end, cuts + 1
+            if count - SLACK_PER_CUT * cuts > limit:
+                return count - SLACK_PER_CUT * cuts
+        return None
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -130,9 +170,10 @@ class Tokenizer:
         except jinja2.TemplateError as e:
             raise ChatTemplateError(f"chat template: {e}") from None
 
-    def encode_chat(self, messages: list[dict], **kwargs) -> list[int]:
-        """Token ids of the rendered chat. The template writes BOS itself, so none is added (no double BOS)."""
-        return self.encode(self.apply_chat_template(messages, **kwargs), add_special_tokens=False)
+    def encode_chat(self, messages: list[dict], *, limit: int | None = None, **kwargs) -> list[int]:
+        """Token ids of the rendered chat. The template writes BOS itself, so none is added (no double BOS).
+        `limit` is `encode`'s: a chat of more tokens raises ContextOverflowError."""
+        return self.encode(self.apply_chat_template(messages, **kwargs), add_special_tokens=False, limit=limit)
 
 
 def _pick_template(value) -> str | dict | None:
