@@ -127,7 +127,9 @@ class ChatSession:
         """Stream a reply to the conversation; `undo` takes back the change to the messages that asked for it
         when no reply can start (the template fails, or the conversation does not fit the context)."""
         try:
-            ids = self.tokenizer.encode_chat(self.conversation(), add_generation_prompt=True)
+            # a conversation longer than the context is refused before it is tokenized whole
+            ids = self.tokenizer.encode_chat(self.conversation(), add_generation_prompt=True,
+                                             limit=self.context_size)
         except JambaError:
             undo()
             raise
@@ -148,7 +150,10 @@ class ChatSession:
         except BaseException:
             self.seen = None
             raise
-        self.seen = self.seen + new + sampled[:-1]
+        if sampled:
+            self.seen = self.seen + new + sampled[:-1]
+        else:  # stopped inside the prompt: the cache holds part of it
+            self._restore(self._snapshot)
         self.messages.append({"role": "assistant", "content": "".join(pieces).strip()})
 
     @property

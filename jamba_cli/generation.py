@@ -72,9 +72,11 @@ class CUDAGraphDecoder:
 
 def prefill_chunk_size(model: JambaForCausalLM) -> int:
     """Tokens per prefill pass: on a GPU as many as fit (up to 64K) in 60% of the free memory, counting
-    what one token's activations take in an MoE layer (the experts' gathered rows and their SwiGLU dominate)."""
+    what one token's activations take in an MoE layer (the experts' gathered rows and their SwiGLU dominate).
+    Elsewhere 512: Ctrl+C is looked at between passes, and a pass of the bundled model takes under a second
+    there; larger passes were no faster on the CPU."""
     if model.device.type != "cuda":
-        return 4096
+        return 512
     c = model.config
     per_token = model.dtype.itemsize * (c.num_experts_per_tok * (2 * c.hidden_size + 3 * c.intermediate_size)
                                         + 4 * c.d_inner + 2 * c.hidden_size)
@@ -88,16 +90,20 @@ def prefill_chunk_size(model: JambaForCausalLM) -> int:
 
 @torch.inference_mode()
 def prefill(model: JambaForCausalLM, tokens: torch.Tensor, cache: HybridCache, *, chunk: int | None = None,
-            attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+            attention_mask: torch.Tensor | None = None,
+            should_stop: Callable[[], bool] | None = None) -> torch.Tensor | None:
     """Run `tokens` (B, T) through the model into `cache`, `chunk` tokens at a time (bounded memory;
-    default: `prefill_chunk_size(model)`).
+    default: `prefill_chunk_size(model)`). `should_stop` is polled before each chunk.
 
     Returns:
-        the logits of the last position, (B, 1, V).
+        the logits of the last position, (B, 1, V); None when `should_stop` stopped it (the cache then
+        holds the chunks before).
     """
     logits = None
     chunk = chunk or prefill_chunk_size(model)
     for start in range(0, tokens.shape[1], chunk):
+        if should_stop is not None and should_stop():
+            return None
         part = slice(start, start + chunk)
         mask = None if attention_mask is None else attention_mask[:, part]
         logits = model(tokens[:, part], cache, attention_mask=mask, last_only=True)
@@ -109,7 +115,7 @@ def generate_step(model: JambaForCausalLM, prompt: torch.Tensor, *, cache: Hybri
                   sampler: Sampler | None = None, logits_processors: Sequence[LogitsProcessor] = (),
                   max_tokens: int = 256, prefill_chunk: int | None = None,
                   attention_mask: torch.Tensor | None = None, context: torch.Tensor | None = None,
-                  cuda_graph: bool = True) -> Iterator[torch.Tensor]:
+                  cuda_graph: bool = True, should_stop: Callable[[], bool] | None = None) -> Iterator[torch.Tensor]:
     """Yield sampled tokens (B,) one step at a time, for `max_tokens` steps.
 
     A token is fed to the model only when the next one is asked for, so a consumer that stops early
@@ -123,6 +129,7 @@ def generate_step(model: JambaForCausalLM, prompt: torch.Tensor, *, cache: Hybri
         context: ids (B, S) already in `cache`; logits processors see them before the prompt.
         cuda_graph: on CUDA with a static cache (the default cache there), replay decode steps as a
             captured CUDA graph.
+        should_stop: polled between the prompt's chunks; True ends the stream before any token.
     """
     if prompt.dim() == 1:
         prompt = prompt[None]
@@ -136,7 +143,10 @@ def generate_step(model: JambaForCausalLM, prompt: torch.Tensor, *, cache: Hybri
     sampler = sampler or make_sampler()
     history = prompt if context is None else torch.cat([context.to(prompt.device).view(prompt.shape[0], -1),
                                                         prompt], dim=1)
-    logits = prefill(model, prompt, cache, chunk=prefill_chunk, attention_mask=attention_mask)
+    logits = prefill(model, prompt, cache, chunk=prefill_chunk, attention_mask=attention_mask,
+                     should_stop=should_stop)
+    if logits is None:
+        return
     step = None
     if cuda_graph and single_gpu and cache.static and max_tokens > 1 and not is_quantized(model):
         step = CUDAGraphDecoder.over(model, cache)
@@ -217,13 +227,15 @@ def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
     return generator
 
 
-def prompt_ids(tokenizer: Tokenizer, prompt: str | Sequence[int] | Sequence[dict]) -> list[int]:
+def prompt_ids(tokenizer: Tokenizer, prompt: str | Sequence[int] | Sequence[dict],
+               limit: int | None = None) -> list[int]:
     """A string is tokenized as the tokenizer does by default (BOS included when it adds one), a list of
-    messages goes through the chat template with a generation prompt, and a list of ids is used as is."""
+    messages goes through the chat template with a generation prompt, and a list of ids is used as is.
+    A prompt of more than `limit` tokens raises ContextOverflowError, before a long text is tokenized whole."""
     if isinstance(prompt, str):
-        return tokenizer.encode(prompt)
+        return tokenizer.encode(prompt, limit=limit)
     if prompt and isinstance(prompt[0], dict):
-        return tokenizer.encode_chat(list(prompt), add_generation_prompt=True)
+        return tokenizer.encode_chat(list(prompt), add_generation_prompt=True, limit=limit)
     return [int(i) for i in prompt]
 
 
@@ -251,7 +263,9 @@ def stream_generate(model: JambaForCausalLM, tokenizer: Tokenizer, prompt: str |
         prompt_parts: with `prompt_cache`, the texts `prompt` was made of, in order (a document, then a
             question): the file also keeps the state at the end of each, so that a later prompt starting
             with the same parts reuses them whatever follows.
-        should_stop: polled between tokens; True ends the stream with finish_reason "interrupted".
+        should_stop: polled between tokens and between the prompt's chunks; True ends the stream with
+            finish_reason "interrupted" (stopped in the prompt: on a final chunk with no token, and the cache
+            holds part of the prompt).
         **knobs: `SamplingParams` fields as keywords (`max_tokens=64, temperature=0.7`), a shorthand
             for `sampling`; one given here (not None) wins over the same one in `sampling`.
 
@@ -276,7 +290,10 @@ def stream_generate(model: JambaForCausalLM, tokenizer: Tokenizer, prompt: str |
 def _stream(model, tokenizer, prompt, params: SamplingParams, *, eos_token_ids, cache, context_size, prompt_cache,
             prompt_parts, should_stop, prefill_chunk) -> Iterator[GenerationChunk]:
     start = time.perf_counter()
-    ids = prompt_ids(tokenizer, prompt)
+    context_size = context_size or model.config.max_position_embeddings
+    # the prompt alone must fit the whole context (a long text is refused before it is tokenized whole);
+    # with the tokens already in the cache, below
+    ids = prompt_ids(tokenizer, prompt, limit=context_size)
     if not ids:
         raise ValueError("the prompt is empty: there is no token to continue from")
     head_device = model.lm_head.weight.device
@@ -284,7 +301,12 @@ def _stream(model, tokenizer, prompt, params: SamplingParams, *, eos_token_ids, 
     if eos_token_ids is None:
         eos_token_ids = [*model.config.eos_token_ids, *tokenizer.eos_token_ids, *tokenizer.end_of_turn_ids]
     eos = set() if params.ignore_eos else set(eos_token_ids)
-    context_size = context_size or model.config.max_position_embeddings
+    interrupted = False
+
+    def stop() -> bool:  # remembered, so that a stop inside the prompt is reported as one
+        nonlocal interrupted
+        interrupted = interrupted or (should_stop is not None and bool(should_stop()))
+        return interrupted
 
     if prompt_cache is not None and cache is not None:
         raise ValueError("pass either a cache or a prompt cache file, not both")
@@ -312,16 +334,18 @@ def _stream(model, tokenizer, prompt, params: SamplingParams, *, eos_token_ids, 
         whole = torch.tensor(ids, device=model.device)[None]
         states, done = reused.states, cached
         for point in pc.save_points(tokenizer, prompt, ids, prompt_parts, start=cached):
-            prefill(model, whole[:, done:point], cache, chunk=prefill_chunk)
+            prefill(model, whole[:, done:point], cache, chunk=prefill_chunk, should_stop=stop)
+            if interrupted:  # the cache holds part of this stretch: nothing of it is saved
+                break
             done = point
             if point < len(ids) - 1:
                 states[point] = pc.mamba_states(cache)
-        if done > cached:  # something was computed: this prompt's state replaces the file's
+        if done > cached and not interrupted:  # something was computed: this prompt's state replaces the file's
             pc.save(path, model, cache, ids[:-1], states)
         context, new = whole[:, :-1], whole[:, -1:]
 
     steps = generate_step(model, new, cache=cache, sampler=sampler, logits_processors=params.logits_processors(),
-                          max_tokens=max_tokens, prefill_chunk=prefill_chunk, context=context)
+                          max_tokens=max_tokens, prefill_chunk=prefill_chunk, context=context, should_stop=stop)
     detok = StreamingDetokenizer(tokenizer)
     stops = StopStrings(params.stop)
     first = last = None
@@ -330,7 +354,9 @@ def _stream(model, tokenizer, prompt, params: SamplingParams, *, eos_token_ids, 
     def stats() -> GenerationStats:
         ttft = (first or time.perf_counter()) - start
         decode_time = (last - first) if first is not None and last is not None else 0.0
-        return GenerationStats(len(ids), cached, count, ttft, (len(ids) - cached) / ttft if ttft > 0 else 0.0,
+        # with no token sampled, the prompt may have been stopped part way: count what the cache took
+        computed = len(ids) - cached if first is not None else cache.offset - used - cached
+        return GenerationStats(len(ids), cached, count, ttft, computed / ttft if ttft > 0 else 0.0,
                                (count - 1) / decode_time if count > 1 and decode_time > 0 else 0.0,
                                _peak_memory(head_device))
 
@@ -350,11 +376,12 @@ def _stream(model, tokenizer, prompt, params: SamplingParams, *, eos_token_ids, 
             if count == max_tokens:
                 yield GenerationChunk(text + _finish(detok, stops), token, "length", stats())
                 return
-            if should_stop is not None and should_stop():
+            if stop():
                 yield GenerationChunk(text + _finish(detok, stops), token, "interrupted", stats())
                 return
             yield GenerationChunk(text, token, None, stats())
-        yield GenerationChunk(_finish(detok, stops), None, "length", stats())  # max_tokens was 0
+        # stopped inside the prompt, or max_tokens was 0
+        yield GenerationChunk(_finish(detok, stops), None, "interrupted" if interrupted else "length", stats())
     finally:
         steps.close()
 

@@ -6,6 +6,7 @@ import copy
 import pytest
 import torch
 
+from jamba_cli.cache import make_cache
 from jamba_cli.errors import ContextOverflowError, PromptCacheError, SamplingError
 from jamba_cli.generation import StopStrings, generate, generate_step, prompt_ids, stream_generate
 from jamba_cli.loader import load
@@ -85,11 +86,25 @@ def test_stop_strings_unit():
 
 def test_should_stop_interrupts_and_keeps_partial_text(small):
     model, tok = small
-    calls = []
-    stop_at_4 = lambda: calls.append(1) or len(calls) >= 4
-    text, chunks = run(model, tok, max_tokens=50, ignore_eos=True, should_stop=stop_at_4)
+    chunks = []  # polled after each token (and between the prompt's chunks): the fourth token stops it
+    for chunk in stream_generate(model, tok, PROMPT, max_tokens=50, ignore_eos=True,
+                                 should_stop=lambda: len(chunks) >= 3):
+        chunks.append(chunk)
     assert chunks[-1].finish_reason == "interrupted" and len(chunks) == 4
-    assert text == tok.decode([c.token for c in chunks])
+    assert "".join(c.text for c in chunks) == tok.decode([c.token for c in chunks])
+
+
+def test_should_stop_is_polled_between_prompt_chunks(small):
+    """Stopped inside the prompt: no token, finish_reason interrupted, the cache holds the chunks before."""
+    model, tok = small
+    ids = tok.encode(" ".join([PROMPT] * 8))
+    polls = []
+    stop_third = lambda: polls.append(1) or len(polls) >= 3
+    cache = make_cache(model.config, 1, dtype=model.dtype, device=model.layer_devices())
+    chunks = list(stream_generate(model, tok, ids, max_tokens=5, should_stop=stop_third, prefill_chunk=4,
+                                  cache=cache))
+    assert [(c.token, c.finish_reason) for c in chunks] == [(None, "interrupted")]
+    assert chunks[0].stats.generation_tokens == 0 and cache.offset == 8  # two chunks of 4, then the stop
 
 
 def test_seeds_and_generation_config_defaults(small):
