@@ -1,15 +1,147 @@
 """What `run` and `chat` show a person, on stderr: colour choice, the load progress bar, the stats line, text
 from untrusted sources made inert, and Ctrl+C handling that stops generation cleanly. stdout is left to the
-generated text."""
+generated text. Also what the process does first of all: standard streams that cannot fail it, and Ctrl+C
+before the heavy imports."""
 
 from __future__ import annotations
 
+import errno
+import io
 import os
 import re
 import signal
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+
+_started = False
+
+
+def start_process() -> None:
+    """The first thing `jamba` does, before anything heavy is imported: Ctrl+C from now on leaves at once
+    (`exit_on_interrupt`), and the standard streams are made safe (`guard_streams`). Runs once."""
+    global _started
+    if not _started:
+        _started = True
+        exit_on_interrupt()
+        guard_streams()
+
+
+# -- Ctrl+C, in three phases: leave at once (start-up), raise KeyboardInterrupt (loading), stop generating
+#    at the next token or prefill chunk (`Interrupt`) --
+
+def exit_on_interrupt() -> None:
+    """Until the command starts work that leaves something behind: Ctrl+C exits with status 130, at once.
+
+    Python's own handler raises KeyboardInterrupt wherever the main thread is, and start-up spends most of
+    its time importing (torch alone takes a second or more): an import cut by an exception leaves modules
+    half-initialised, which was seen to abort the process (SIGABRT in torch's import), to surface as an
+    ImportError, or to be swallowed by a library's catch-all. Nothing has been written yet in this phase,
+    so there is nothing to clean up and no reason to unwind."""
+    signal.signal(signal.SIGINT, _leave)
+
+
+def _leave(signum, frame) -> None:
+    try:
+        sys.stderr.flush()
+    except (OSError, ValueError, AttributeError):
+        pass
+    os._exit(130)
+
+
+def raise_on_interrupt() -> None:
+    """From here on Ctrl+C raises KeyboardInterrupt (Python's default), so that cleanup in `finally` blocks
+    runs (a half-loaded model, a download); the command turns it into status 130. Called once the heavy
+    modules are imported."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+# -- the standard streams --
+
+stdout_error: OSError | None = None  # the first failure writing to stdout, once `guard_streams` watches it
+
+
+def guard_streams() -> None:
+    """Make the standard streams safe for a command-line tool.
+
+    A closed descriptor 0, 1 or 2 gets /dev/null, so that no file opened later takes its number (output
+    meant for stdout or stderr would land in it); a closed stdin then reads as empty, and a closed stdout
+    stays `None` in Python, for a command to refuse. stderr never fails: what cannot be written to it
+    (closed, /dev/full, a pipe nobody reads) is dropped, because losing diagnostics must not lose the
+    output. Writes to stdout still fail as before, but the first failure is kept in `stdout_error`, so that
+    an error escaping from anywhere can be told apart as stdout's (status 141 for a closed pipe)."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)  # the lowest free number: fd itself, 0..fd-1 being open
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+    if sys.stdin is None:
+        sys.stdin = open(0, encoding="utf-8", errors="surrogateescape", closefd=False)
+    if sys.stdout is not None:
+        sys.stdout = _rewrap(sys.stdout, _WatchedWriter(1))
+    sys.stderr = _rewrap(sys.stderr, _ForgivingWriter(2))
+
+
+def _rewrap(old, raw: io.RawIOBase) -> io.TextIOWrapper:
+    """A text stream like `old` (encoding, error handler, buffering), over `raw`."""
+    return io.TextIOWrapper(io.BufferedWriter(raw), encoding=getattr(old, "encoding", None) or "utf-8",
+                            errors=getattr(old, "errors", None) or "backslashreplace",
+                            line_buffering=getattr(old, "line_buffering", False),
+                            write_through=getattr(old, "write_through", True))
+
+
+class _FdWriter(io.RawIOBase):
+    def __init__(self, fd: int):
+        super().__init__()
+        self._fd = fd
+
+    def writable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def isatty(self) -> bool:
+        try:
+            return os.isatty(self._fd)
+        except OSError:
+            return False
+
+
+class _ForgivingWriter(_FdWriter):
+    """stderr: writes never fail; after the first failure the rest is dropped without trying."""
+
+    failed = False
+
+    def write(self, data) -> int:
+        if not self.failed:
+            try:
+                return os.write(self._fd, data)
+            except BlockingIOError:  # a non-blocking stderr that is full now: drop this, try the next
+                pass
+            except OSError:
+                self.failed = True
+        return len(data)
+
+
+class _WatchedWriter(_FdWriter):
+    """stdout: writes fail as they would, and the first failure is kept in `stdout_error`."""
+
+    def write(self, data) -> int:
+        global stdout_error
+        try:
+            return os.write(self._fd, data)
+        except OSError as e:
+            stdout_error = stdout_error or e
+            raise
+
+
+def stdout_closed_early() -> bool:
+    """Whether the reader of stdout went away (`jamba ... | head`)."""
+    return stdout_error is not None and stdout_error.errno == errno.EPIPE
 
 
 def stderr_console(color: str = "auto"):
