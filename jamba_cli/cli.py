@@ -8,6 +8,7 @@ Exit status: 0 ok, 1 runtime error, 2 usage error, 130 interrupted, 141 stdout c
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -21,7 +22,7 @@ import typer
 from . import __version__
 from .cli_options import Color, ColorOpt, Format, ModelOptions, RevisionOpt, Shared, in_flags, shared_options
 from .defaults import bundled_model_dir
-from .errors import ChatTemplateError, CheckpointError, JambaError, UsageError
+from .errors import ChatTemplateError, CheckpointError, ContextOverflowError, JambaError, UsageError
 
 ASK_ABOVE_BYTES = 1_000_000_000  # a TTY confirms before downloading more than this
 
@@ -45,6 +46,7 @@ def _root(version: Annotated[bool, typer.Option("--version", callback=_version, 
 @contextmanager
 def _reporting(console, ctx: typer.Context):
     """Turn failures into one line on stderr and an exit status (no traceback unless JAMBA_DEBUG=1)."""
+    from . import terminal
     from .terminal import plain, silence_stdout
 
     try:
@@ -60,6 +62,11 @@ def _reporting(console, ctx: typer.Context):
     except (typer.Exit, typer.Abort, typer.TyperException):
         raise
     except Exception as e:
+        if isinstance(e, OSError) and terminal.stdout_error is not None:  # /dev/full, a closed descriptor
+            silence_stdout()
+            console.print(plain("error:", "bold red") + " " + plain(f"cannot write the output: {e.strerror or e}"),
+                          soft_wrap=True)
+            raise typer.Exit(1) from None
         if os.environ.get("JAMBA_DEBUG"):
             raise
         what = "out of memory" if type(e).__name__ == "OutOfMemoryError" else type(e).__name__
@@ -116,9 +123,11 @@ def load_model(console, options: ModelOptions, *, stats: bool = False):
     """Resolve and load a model, with a progress bar on a TTY. Returns (model, tokenizer, seconds, name)."""
     import time
 
+    from . import generation  # noqa: F401  (imported here, where an early Ctrl+C still leaves at once)
     from .loader import load, quant_config
-    from .terminal import load_progress
+    from .terminal import load_progress, raise_on_interrupt
 
+    raise_on_interrupt()  # from here a download or a load may have to clean up after itself
     # contradictory quantization options fail here, before a model is downloaded
     quant_config(options.load_in_8bit, options.load_in_4bit, options.int8_skip, options.int8_threshold)
     directory, name = _model_dir(console, options.model, options.revision, options.yes)
@@ -135,25 +144,59 @@ def load_model(console, options: ModelOptions, *, stats: bool = False):
     return model, tokenizer, load_s, name
 
 
-def _read_stdin() -> str:
-    stream = getattr(sys.stdin, "buffer", None)
-    text = stream.read().decode("utf-8", errors="replace") if stream else sys.stdin.read()
+# The most text one source of a prompt (stdin, a file) may hold: far more than the largest context takes
+# (256K tokens are about 1 MB of text), so that `yes | jamba run` or `-f /dev/zero` ends instead of filling
+# memory. Tokenizing stops at the context's size anyway (Tokenizer.encode's `limit`).
+MAX_PROMPT_BYTES = 64 * 2**20
+
+
+def _read_stdin(*, named: bool) -> str:
+    """Piped stdin as text. When it cannot be read (a descriptor open for writing only, an I/O error), the
+    prompt goes on without it, with a note; `named` (-f -) makes that an error instead."""
+    try:
+        stream = getattr(sys.stdin, "buffer", None)
+        text = _decode(stream.read(MAX_PROMPT_BYTES + 1), "stdin") if stream else sys.stdin.read()
+    except OSError as e:
+        if named:
+            raise UsageError(f"cannot read stdin (-f -): {e.strerror or e}") from None
+        print(f"note: stdin cannot be read ({e.strerror or e}); the prompt is made without it", file=sys.stderr)
+        return ""
     return text[:-1] if text.endswith("\n") else text
 
 
-def _read_text(path: Path | str, what: str) -> str:
+def _read_text(path: Path | str, what: str, param: str) -> str:
+    from .hub import expand_user
+
+    path = expand_user(path, param)  # `~user` of no such user: a usage error naming the flag
     try:
-        return Path(path).read_text(encoding="utf-8", errors="replace")
+        with open(path, "rb") as f:
+            return _decode(f.read(MAX_PROMPT_BYTES + 1), f"{what} {path}")
     except OSError as e:
         raise UsageError(f"cannot read {what} {path}: {e.strerror or e}") from None
+
+
+def _decode(data: bytes, what: str) -> str:
+    if len(data) > MAX_PROMPT_BYTES:
+        raise ContextOverflowError(f"{what} holds more than {MAX_PROMPT_BYTES // 2**20} MiB, the most a prompt "
+                                   "may hold")
+    return data.decode("utf-8", errors="replace")
+
+
+def _checked_text(value: str | None, what: str) -> str | None:
+    """Text from the command line, which must be UTF-8: Python keeps other bytes as lone surrogates
+    (surrogateescape), which the tokenizer cannot take. Paths may hold any bytes and are not checked."""
+    if value is not None and any("\udc80" <= c <= "\udcff" for c in value):
+        raw = value.encode("utf-8", errors="surrogateescape")
+        raise UsageError(f"{what} is not valid UTF-8: {raw!r}")
+    return value
 
 
 def _read_prompt(words: list[str], files: list[str]) -> tuple[str, list[str]]:
     """stdin (when piped and not named by -f -), then the -f files in order, then the arguments; returns the
     prompt and the non-empty parts it joins (a prompt cache keeps the model state at the end of each)."""
     piped = not sys.stdin.isatty()
-    parts = [_read_stdin()] if piped and "-" not in files else []
-    parts += [_read_stdin() if f == "-" else _read_text(f, "prompt file") for f in files]
+    parts = [_read_stdin(named=False)] if piped and "-" not in files else []
+    parts += [_read_stdin(named=True) if f == "-" else _read_text(f, "prompt file", "file") for f in files]
     if words:
         parts.append(" ".join(words))
     text = "\n\n".join(p for p in parts if p)
@@ -164,10 +207,31 @@ def _read_prompt(words: list[str], files: list[str]) -> tuple[str, list[str]]:
     return text, [p for p in parts if p]
 
 
+def _require_stdout() -> None:
+    if sys.stdout is None:  # started with descriptor 1 closed (terminal.guard_streams)
+        raise JambaError("stdout is closed: there is nowhere to write the output")
+
+
+def _checked(shared: Shared) -> Shared:
+    """The shared options with their text checked (UTF-8) and `~` expanded in the loader's paths (the
+    system file's is expanded where it is read); `~user` of no such user is a usage error."""
+    _checked_text(shared.system, "--system")
+    for stop in shared.sampling.stop or ():
+        _checked_text(stop, "--stop")
+    from .hub import expand_user
+
+    loading = shared.loading
+    if loading.offload_folder is not None:
+        loading = loading._replace(offload_folder=expand_user(loading.offload_folder, "offload_folder"))
+    if loading.device_map is not None and loading.device_map.startswith("~"):  # a file, not a keyword
+        loading = loading._replace(device_map=str(expand_user(loading.device_map, "device_map")))
+    return shared._replace(loading=loading)
+
+
 def read_system(system: str | None, system_file: Path | None) -> str | None:
     if system is not None and system_file is not None:
         raise UsageError("--system and --system-file exclude each other")
-    return _read_text(system_file, "system file") if system_file is not None else system
+    return _read_text(system_file, "system file", "system_file") if system_file is not None else system
 
 
 @app.command(epilog="Examples:  jamba run -m ai21labs/AI21-Jamba-Mini-1.7 \"Write a haiku\"  ·  "
@@ -189,14 +253,19 @@ def run(
     """Generate a continuation of PROMPT and print only the generated text on stdout."""
     console = shared.console()
     with _reporting(console, shared.ctx):
+        _require_stdout()
+        for word in prompt or []:
+            _checked_text(word, "the prompt")
+        shared = _checked(shared)
         text, parts = _read_prompt(prompt or [], file or [])
         system_text = read_system(shared.system, shared.system_file)
         if raw and system_text is not None:
             raise UsageError("--system needs the chat template; drop --raw")
         if prompt_cache is not None:  # a directory, link, pipe or foreign file is refused before any work
+            from .hub import expand_user
             from .prompt_cache import check_target
 
-            check_target(prompt_cache)
+            prompt_cache = check_target(expand_user(prompt_cache, "prompt_cache"))
         loaded = load_model(console, shared.loading, stats=shared.stats)
         _generate(console, *loaded, text, system_text, raw=raw, format=format, shared=shared,
                   prompt_cache=prompt_cache, parts=parts)
@@ -275,6 +344,12 @@ def chat(
     console = shared.console()
     translate = partial(in_flags, shared.ctx)
     with _reporting(console, shared.ctx):
+        _require_stdout()
+        shared = _checked(shared)
+        if resume is not None:
+            from .hub import expand_user
+
+            resume = expand_user(resume, "resume")
         system_text = read_system(shared.system, shared.system_file)
         model, tokenizer, _, name = load_model(console, shared.loading, stats=shared.stats)
         from .chat import ChatSession
@@ -320,6 +395,9 @@ def download(
     console = stderr_console(color.value)
     with _reporting(console, ctx):
         from . import hub
+        from .terminal import raise_on_interrupt
+
+        raise_on_interrupt()  # huggingface_hub is imported: from here Ctrl+C unwinds
 
         kwargs = dict(revision=revision, include=include, exclude=exclude, local_dir=local_dir,
                       cache_dir=cache_dir, token=token)
@@ -337,9 +415,32 @@ def download(
 
 
 def main() -> None:
-    """Console entry point: usage errors become one line and exit status 2."""
+    """Console entry point: usage errors become one line and exit status 2; output that cannot be written
+    (--help into /dev/full, a completion script into a read-only home) one line and status 1, or 141 when
+    the reader of stdout went away."""
+    from . import terminal
+
+    terminal.start_process()  # done already when started as `python -m jamba_cli` or `jamba`
     try:
         code = app(prog_name="jamba", standalone_mode=False)
+    except OSError as e:  # outside the commands' own reporting: --help, --version, --install-completion
+        if terminal.stdout_closed_early():
+            terminal.silence_stdout()
+            sys.exit(141)
+        if terminal.stdout_error is not None:
+            terminal.silence_stdout()  # what stays in the buffer must not fail again at exit
+            print(f"error: cannot write the output: {e.strerror or e}", file=sys.stderr)
+        else:
+            where = f" {e.filename}" if e.filename else ""
+            # mkdir(exist_ok=True) of a path that is a file says "File exists"
+            reason = os.strerror(errno.ENOTDIR) if e.errno == errno.EEXIST else e.strerror or e
+            print(f"error: cannot write{where}: {reason}", file=sys.stderr)
+        sys.exit(1)
+    except SystemExit:
+        if terminal.stdout_closed_early():  # Typer's own exit for a closed pipe is status 1
+            terminal.silence_stdout()
+            sys.exit(141)
+        raise
     except typer.TyperException as e:
         if type(e).__name__ == "NoArgsIsHelpError":
             e.show()
