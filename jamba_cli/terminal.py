@@ -210,8 +210,9 @@ def load_progress(console, label: str) -> Iterator[Callable[[int, int], None] | 
 
 
 class Interrupt:
-    """While active, a first Ctrl+C only sets `requested` (generation polls it and stops at the next token);
-    a second one raises KeyboardInterrupt, for when the first is not acted on quickly enough."""
+    """While active, a first Ctrl+C only sets `requested` (generation polls it and stops at the next token,
+    or at the next chunk of a long prompt); a second one raises KeyboardInterrupt, for when the first is not
+    acted on quickly enough."""
 
     def __init__(self):
         self.requested = False
