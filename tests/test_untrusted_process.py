@@ -101,11 +101,12 @@ def test_huge_piped_prompt_is_refused_before_it_is_tokenized_whole(ckpt, env, tm
 
 @pytest.mark.slow
 def test_huge_chat_message_and_read_file_are_refused_and_the_chat_goes_on(ckpt, env, tmp_path, small):
-    """The same in `jamba chat`: a 30 MB message, and a 30 MB file given with /read, are each one "context full"
-    line; the chat drops them and answers the next message as a fresh chat would."""
+    """The same in `jamba chat`: a 12 MB message, and a 12 MB file given with /read (under the chat's byte
+    bound for a 262144-token context, far over it in tokens), are each one "context full" line; the chat
+    drops them and answers the next message as a fresh chat would."""
     big = tmp_path / "big.txt"
-    big.write_bytes(shakespeare(30_000_000))
-    huge_line = shakespeare(30_000_000).replace(b"\n", b" ")
+    big.write_bytes(shakespeare(12_000_000))
+    huge_line = shakespeare(12_000_000).replace(b"\n", b" ")
     script = huge_line + b"\n/read " + bytes(big) + b"\nsummarise\nhi\n/bye\n"
     status, out, err, rss = measured(jamba("chat", "-m", ckpt, "-n", 3, "--ignore-eos"), env, input=script,
                                      cwd=tmp_path)
@@ -116,7 +117,7 @@ def test_huge_chat_message_and_read_file_are_refused_and_the_chat_goes_on(ckpt, 
     model, tok = small
     assert out.decode() == generate(model, tok, [{"role": "user", "content": "hi"}], max_tokens=3,
                                     ignore_eos=True) + "\n"
-    assert rss < 1.5 * GiB, rss
+    assert rss < GiB, rss
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.txt"]
 
 
@@ -266,24 +267,25 @@ def test_no_such_user_exists():
         pwd.getpwnam(NO_USER)
 
 
-@pytest.mark.parametrize("args, line", [
-    (["-f", f"~{NO_USER}/notes.txt"], f"error: prompt file ~{NO_USER}/notes.txt: there is no user {NO_USER}"),
-    (["--system-file", f"~{NO_USER}/s.txt", "hi"], f"error: system file ~{NO_USER}/s.txt: there is no user {NO_USER}"),
-    (["--prompt-cache", f"~{NO_USER}/p.cache", "hi"],
-     f"error: --prompt-cache ~{NO_USER}/p.cache: there is no user {NO_USER}"),
-    (["--offload-folder", f"~{NO_USER}/off", "hi"], f"error: --offload-folder ~{NO_USER}/off: there is no user {NO_USER}"),
+@pytest.mark.parametrize("args, flag", [
+    (["-f", f"~{NO_USER}/notes.txt"], "--file"),
+    (["--system-file", f"~{NO_USER}/s.txt", "hi"], "--system-file"),
+    (["--prompt-cache", f"~{NO_USER}/p.cache", "hi"], "--prompt-cache"),
+    (["--offload-folder", f"~{NO_USER}/off", "hi"], "--offload-folder"),
+    (["--device-map", f"~{NO_USER}/map.json", "hi"], "--device-map"),
 ])
-def test_no_such_user_in_a_path_is_a_usage_error(args, line, ckpt, env, tmp_path):
+def test_no_such_user_in_a_path_is_a_usage_error(args, flag, ckpt, env, tmp_path):
     r = subprocess.run(jamba("run", "-m", ckpt, *args), stdin=subprocess.DEVNULL, capture_output=True, env=env,
                        cwd=tmp_path, timeout=60)
-    assert (r.returncode, r.stdout) == (2, b"") and one_line(r.stderr) == line
-    assert list(tmp_path.iterdir()) == []
+    assert (r.returncode, r.stdout) == (2, b"")
+    assert one_line(r.stderr) == f"error: {flag}: cannot expand ~{NO_USER}: no such user"
+    assert list(tmp_path.iterdir()) == []  # no folder named ~user made here
 
 
 def test_no_such_user_in_resume_is_a_usage_error(ckpt, env, tmp_path):
     r = subprocess.run(jamba("chat", "-m", ckpt, "--resume", f"~{NO_USER}/talk.json"), stdin=subprocess.DEVNULL,
                        capture_output=True, env=env, cwd=tmp_path, timeout=60)
-    assert r.returncode == 2 and one_line(r.stderr) == f"error: --resume ~{NO_USER}/talk.json: there is no user {NO_USER}"
+    assert r.returncode == 2 and one_line(r.stderr) == f"error: --resume: cannot expand ~{NO_USER}: no such user"
 
 
 def test_prompt_cache_that_is_no_file_is_a_usage_error(ckpt, env, tmp_path):
