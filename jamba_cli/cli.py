@@ -215,11 +215,11 @@ def _require_stdout() -> None:
 def _checked(shared: Shared) -> Shared:
     """The shared options with their text checked (UTF-8) and `~` expanded in the loader's paths (the
     system file's is expanded where it is read); `~user` of no such user is a usage error."""
+    from .hub import expand_user
+
     _checked_text(shared.system, "--system")
     for stop in shared.sampling.stop or ():
         _checked_text(stop, "--stop")
-    from .hub import expand_user
-
     loading = shared.loading
     if loading.offload_folder is not None:
         loading = loading._replace(offload_folder=expand_user(loading.offload_folder, "offload_folder"))
@@ -434,7 +434,7 @@ def main() -> None:
             where = f" {e.filename}" if e.filename else ""
             # mkdir(exist_ok=True) of a path that is a file says "File exists"
             reason = os.strerror(errno.ENOTDIR) if e.errno == errno.EEXIST else e.strerror or e
-            print(f"error: cannot write{where}: {reason}", file=sys.stderr)
+            print(terminal.printable(f"error: cannot write{where}: {reason}"), file=sys.stderr)
         sys.exit(1)
     except SystemExit:
         if terminal.stdout_closed_early():  # Typer's own exit for a closed pipe is status 1
