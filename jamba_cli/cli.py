@@ -287,6 +287,9 @@ def _generate(console, model, tokenizer, load_s, name, text, system_text, *, raw
                  [{"role": "user", "content": text}]
     seed = shared.sampling.seed if shared.sampling.seed is not None else random.randrange(2**31)
     out = sys.stdout
+    # on a terminal the model's text is shown inert: byte-fallback tokens can spell escape sequences (a window
+    # title, a clipboard write, a cursor move that hides text); a pipe or a file gets the bytes as they are
+    shown = _inert if out.isatty() else str
     pieces, last = [], None
     with Interrupt() as interrupt:
         try:
@@ -297,7 +300,7 @@ def _generate(console, model, tokenizer, load_s, name, text, system_text, *, raw
                 last = chunk
                 pieces.append(chunk.text)
                 if format == Format.text and chunk.text:
-                    out.write(chunk.text)
+                    out.write(shown(chunk.text))
                     out.flush()
                 elif format == Format.jsonl:
                     out.write(json.dumps({"type": "chunk", "text": chunk.text, "token": chunk.token},
@@ -452,3 +455,9 @@ def main() -> None:
     except typer.Abort:
         sys.exit(1)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _inert(text: str) -> str:
+    from .terminal import printable
+
+    return printable(text, multiline=True)

@@ -103,13 +103,15 @@ class Repl:
             JambaError: the reply could not start (the conversation is as it was).
         """
         out, session = sys.stdout, self.session
+        # on a terminal the model's text is shown inert (escape sequences it spells do nothing); piped, as is
+        shown = (lambda text: printable(text, multiline=True)) if out.isatty() else str
         last = None
         with Interrupt() as interrupt:
             try:
                 for chunk in start(lambda: interrupt.requested):
                     last = chunk
                     if chunk.text:
-                        out.write(chunk.text)
+                        out.write(shown(chunk.text))
                         out.flush()
             except ContextOverflowError as e:
                 self.say(f"context full: {e}. /clear starts over; --ctx-size raises the limit", "red")
