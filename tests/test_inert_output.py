@@ -10,6 +10,7 @@ import torch
 
 from helpers import ROOT, Terminal, jamba
 
+pytestmark = pytest.mark.slow  # real processes on a terminal
 ESC = 0x1B
 
 
