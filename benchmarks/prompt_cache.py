@@ -104,7 +104,7 @@ def fingerprint_cost(args) -> dict:
     import torch
 
     from common import build, shape_config
-    from jamba_cli import prompt_cache
+    from jamba_cli import fingerprint
     from jamba_cli.config import JambaConfig
     from jamba_cli.model import JambaForCausalLM
 
@@ -124,10 +124,10 @@ def fingerprint_cost(args) -> dict:
             torch.cuda.synchronize(device)
         return time.perf_counter() - start
 
-    first = timed(lambda: prompt_cache.fingerprint(model))
-    again = timed(lambda: prompt_cache.fingerprint(model))  # memoised per model
-    prompt_cache._fingerprints.clear()
-    second = timed(lambda: prompt_cache.fingerprint(model))  # coefficients made, nothing memoised
+    first = timed(lambda: fingerprint.fingerprint(model))
+    again = timed(lambda: fingerprint.fingerprint(model))  # memoised per model
+    fingerprint._fingerprints.clear()
+    second = timed(lambda: fingerprint.fingerprint(model))  # coefficients made, nothing memoised
 
     def sha256():
         h = hashlib.sha256()

@@ -60,7 +60,7 @@ class Span:
         if self.key_mask is None or self.length == 1:
             return None
         if "mask" not in self._moved:
-            t, s = self.length, self.offset + self.length
+            s = self.offset + self.length
             key_mask = self.key_mask[:, :s]
             q_pos = torch.arange(self.offset, s, device=key_mask.device)[:, None]
             k_pos = torch.arange(s, device=key_mask.device)[None, :]

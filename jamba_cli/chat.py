@@ -20,6 +20,7 @@ import torch
 
 from .cache import make_cache
 from .errors import ChatTemplateError, ContextOverflowError, JambaError
+from .files import file_kind, remove_stale_temporaries, temporary_name
 from .generation import GenerationChunk, on_single_gpu, stream_generate
 from .quant import is_quantized
 from .sample import SamplingParams
@@ -182,8 +183,8 @@ class ChatSession:
         tmp = None
         try:
             # named after this process, so that one a killed save leaves is removed by the next save here
-            prompt_cache.remove_stale_temporaries(path.parent)
-            tmp = prompt_cache.temporary_name(path)
+            remove_stale_temporaries(path.parent)
+            tmp = temporary_name(path)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 f.write(json.dumps(data, ensure_ascii=False, indent=1))
@@ -308,9 +309,8 @@ def read_file(path: Path, limit: int) -> bytes:
 
 
 def _kind(mode: int) -> str:
-    return ("a symbolic link" if stat.S_ISLNK(mode) else "a directory" if stat.S_ISDIR(mode) else
-            "a FIFO" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else
-            "a socket" if stat.S_ISSOCK(mode) else "not a regular file")
+    kind = file_kind(mode)
+    return "not a regular file" if kind is None else f"a {kind}"
 
 
 def _json_kind(value) -> str:

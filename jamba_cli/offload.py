@@ -24,6 +24,8 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+from .files import process_alive
+
 PREFIX = "jamba-offload-"
 _NAME = re.compile(re.escape(PREFIX) + r"([0-9]+)-([0-9]+)-[0-9a-f]+")
 _SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
@@ -104,13 +106,7 @@ def _end(signum, frame) -> None:
 
 
 def _alive(pid: int, start: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process: it exists
-        pass
-    except OverflowError:  # no such pid can exist
+    if not process_alive(pid):
         return False
     now = _start_time(pid)
     return not (start and now is not None and now != start)  # a different start: the pid was reused

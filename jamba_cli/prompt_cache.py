@@ -15,20 +15,19 @@ context, and the token ids are checked before anything is allocated for it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
-import socket
 import stat
 import struct
-import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import PromptCacheError, UsageError
+from .files import file_kind, remove_stale_temporaries, temporary_name
+from .fingerprint import fingerprint
 
 if TYPE_CHECKING:
     import torch
@@ -45,105 +44,6 @@ FORMAT = "jamba-prompt-cache/2"
 EVERY = 4096
 
 _ST_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64", "int64": "I64"}
-
-
-# -- the model's fingerprint --
-
-_WORDS = 1 << 20  # int64 words per checksum row: 8 MB of weights
-_BLOCK = 2 * 8 * _WORDS  # bytes summed at a time: bounded temporaries
-_coefficients: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
-_fingerprints: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def fingerprint(model: JambaForCausalLM) -> str:
-    """A hash of the config and of every byte of every weight, as the model holds them (the dtype and any
-    quantization included), wherever they live: the same weights give the same value on any device.
-
-    The bytes of each weight, read as int64 words w, are summed in rows of 8 MB as Σ w_j·c_j mod 2^64 with
-    fixed odd pseudo-random c_j, once as they lie and once shifted by 4 bytes (with other c_j); the row sums,
-    names, shapes and dtypes then go through SHA-256. A weight that differs in one value always changes the
-    fingerprint. Weights that differ otherwise give the same one by a chance of at most about 2^-32 (the
-    shifted sums put every bit in the lower half of a word in one of the two), unless made to on purpose:
-    this is a checksum, not a signature, and a file can claim any fingerprint, which is why everything in a
-    file is checked before use. The sums run where the weights are, at memory speed: a GPU needs no copy
-    of them. Computed once per loaded model.
-    """
-    import torch
-
-    key = tuple((p.data_ptr(), p.dtype, tuple(p.shape)) for p in model.parameters())
-    known = _fingerprints.get(model)
-    if known is not None and known[0] == key:
-        return known[1]
-    h = hashlib.sha256(b"jamba-fingerprint/2\0")
-    h.update(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
-    digests: dict[tuple, bytes] = {}  # a tied weight is summed once
-    scratch: dict[torch.device, torch.Tensor] = {}  # one aligned buffer per device, reused for every weight
-    with torch.inference_mode():
-        for name, t in sorted(model.state_dict(keep_vars=True).items()):
-            t = t.detach()
-            h.update(f"\0{name}\0{str(t.dtype)}\0{tuple(t.shape)}\0".encode())
-            ident = (t.data_ptr(), t.dtype, tuple(t.shape), t.device)
-            if ident not in digests:
-                digests[ident] = _checksum(t, scratch)
-            h.update(digests[ident])
-    value = h.hexdigest()[:32]
-    _fingerprints[model] = (key, value)
-    return value
-
-
-def _checksum(t: torch.Tensor, scratch: dict) -> bytes:
-    import ctypes
-
-    import torch
-
-    if t.device.type == "meta" or t.numel() == 0:
-        return b""
-    raw = t.contiguous().reshape(-1).view(torch.uint8)
-    if raw.data_ptr() % 8:
-        raw = raw.clone()  # int64 words need 8-byte alignment
-    if t.device not in _coefficients:
-        i = torch.arange(2 * _WORDS, dtype=torch.int64, device=t.device) * -7046029254386353131  # wraps mod 2^64
-        _coefficients[t.device] = ((i ^ (i >> 31)) | 1).chunk(2)
-    plain, shifted = _coefficients[t.device]
-    if t.device not in scratch:
-        scratch[t.device] = torch.empty(_BLOCK, dtype=torch.uint8, device=t.device)
-    out = []
-    for start in range(0, raw.numel(), _BLOCK):
-        out.append(_sums(raw[start:start + _BLOCK], plain))
-        # the same bytes 4 further on: a change in the high half of a word lies in a low half here, where a
-        # sum mod 2^64 sees it more surely (two sign flips in the top bits of two words cancel in the first);
-        # copied to be 8-byte aligned (on the CPU by memmove, several times faster than torch's copy here)
-        seg = raw[start + 4:start + 4 + _BLOCK]
-        aligned = scratch[t.device][:seg.numel()]
-        if t.device.type == "cpu":
-            ctypes.memmove(aligned.data_ptr(), seg.data_ptr(), seg.numel())
-        else:
-            aligned.copy_(seg)
-        out.append(_sums(aligned, shifted))
-    return b"".join(out)
-
-
-def _sums(raw: torch.Tensor, c: torch.Tensor) -> bytes:
-    """The row sums of the whole int64 words in the bytes `raw` (8-byte aligned), then the bytes left over."""
-    import torch
-
-    whole = raw.numel() // 8
-    words = raw[:whole * 8].view(torch.int64)
-    full = whole // _WORDS * _WORDS
-    parts = []
-    if full:
-        parts.append(_row_sums(words[:full].view(-1, _WORDS), c))
-    if full < whole:
-        parts.append(_row_sums(words[full:][None], c[:whole - full]))
-    sums = [int(x) for part in parts for x in part.tolist()]
-    return struct.pack(f"<{len(sums)}q", *sums) + bytes(raw[whole * 8:].tolist())
-
-
-def _row_sums(rows: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    # int64 products and sums wrap mod 2^64 on every device, so the order of the additions does not matter
-    # and CPU and GPU agree; the CPU's integer matrix-vector product reads each word once, while the GPU has
-    # no integer matmul and multiplies, then sums
-    return rows @ c if rows.device.type == "cpu" else (rows * c).sum(1)
 
 
 # -- where a file may be written --
@@ -165,7 +65,7 @@ def check_target(path: str | os.PathLike, *, name: str = "`prompt_cache`", repla
     except (OSError, ValueError) as e:  # ValueError: a NUL in the name
         raise PromptCacheError(f"cannot write {_plain(name)} {path}: {getattr(e, 'strerror', None) or e}") from None
     if st is not None:
-        kind = _kind(st.st_mode)
+        kind = file_kind(st.st_mode)
         if kind == "directory":
             raise UsageError(f"{name} {path} is a directory; give a file name")
         if kind is not None:
@@ -184,15 +84,6 @@ def check_target(path: str | os.PathLike, *, name: str = "`prompt_cache`", repla
 
 def _plain(name: str) -> str:
     return "prompt cache" if name == "`prompt_cache`" else name.strip("`")
-
-
-def _kind(mode: int) -> str | None:
-    """What a non-regular file is, in words; None for a regular file."""
-    for test, kind in ((stat.S_ISDIR, "directory"), (stat.S_ISLNK, "symbolic link"), (stat.S_ISFIFO, "named pipe"),
-                       (stat.S_ISCHR, "device"), (stat.S_ISBLK, "device"), (stat.S_ISSOCK, "socket")):
-        if test(mode):
-            return kind
-    return None if stat.S_ISREG(mode) else "special file"
 
 
 def _looks_like_cache(path: Path) -> bool:
@@ -231,55 +122,6 @@ def _metadata(path: Path, limit: int, follow: bool = False) -> dict:
 
 
 # -- writing: a private regular file, replaced atomically --
-
-_HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:64] or "host"
-_TMP = re.compile(r"^\..+\.(?P<host>[A-Za-z0-9-]+)-(?P<pid>\d+)\.jamba-tmp$")
-
-
-def temporary_name(path: Path) -> Path:
-    """Where a file for `path` is written before it replaces `path`: beside it, hidden, named after this
-    host and process, so that the one a killed process left behind can be recognised as stale."""
-    return path.with_name(f".{path.name}.{_HOST}-{os.getpid()}.jamba-tmp")
-
-
-def remove_stale_temporaries(directory: Path) -> list[Path]:
-    """Remove the temporaries in `directory` that processes of this host which have since died left
-    behind (a write cut by SIGKILL or a power loss); those of live processes are left alone.
-
-    Returns:
-        the files removed.
-    """
-    removed = []
-    if os.name != "posix":  # liveness is probed with signal 0, a POSIX idiom
-        return removed
-    try:
-        entries = list(os.scandir(directory))
-    except OSError:
-        return removed
-    for entry in entries:
-        m = _TMP.match(entry.name)
-        if not m or m["host"] != _HOST or int(m["pid"]) == os.getpid():
-            continue
-        try:
-            st = entry.stat(follow_symlinks=False)
-            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid() or _alive(int(m["pid"])):
-                continue
-            os.unlink(entry.path)
-            removed.append(Path(entry.path))
-        except OSError:
-            continue
-    return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError):
-        return True  # another user's process, or no pid we can ask about: assume it lives
-    return True
-
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], *, name: str = "`prompt_cache`",
                  replace_foreign: bool = False) -> None:
@@ -562,7 +404,7 @@ def _regular(path: Path) -> None:
         mode = path.stat().st_mode  # a link to a regular file may be read
     except (OSError, ValueError) as e:  # ValueError: a NUL in the name
         raise PromptCacheError(f"cannot read prompt cache {path}: {e.strerror or e}") from None
-    kind = _kind(mode)
+    kind = file_kind(mode)
     if kind is not None:
         raise PromptCacheError(f"cannot read prompt cache {path}: it is a {kind}")
 

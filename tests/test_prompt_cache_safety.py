@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import CORPUS
 from helpers import ROOT, jamba, probe
-from jamba_cli import prompt_cache as pc
+from jamba_cli import fingerprint, prompt_cache as pc
 from jamba_cli.cache import make_cache
 from jamba_cli.errors import PromptCacheError, UsageError
 from jamba_cli.generation import stream_generate
@@ -192,7 +192,7 @@ def test_checksum_formulas_of_cpu_and_gpu_agree():
     rows = torch.randint(-2**63, 2**63 - 1, (3, 5000), dtype=torch.int64, generator=g)
     c = torch.randint(-2**63, 2**63 - 1, (5000,), dtype=torch.int64, generator=g) | 1
     want = [(sum(int(a) * int(b) for a, b in zip(row.tolist(), c.tolist())) + 2**63) % 2**64 - 2**63 for row in rows]
-    assert pc._row_sums(rows, c).tolist() == want == (rows * c).sum(1).tolist()
+    assert fingerprint._row_sums(rows, c).tolist() == want == (rows * c).sum(1).tolist()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")

@@ -6,7 +6,6 @@ import os
 import shutil
 import stat
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -166,7 +165,7 @@ def test_no_command_ends_a_piped_chat(env, ckpt, small, tmp_path):
             "messages[0].content must be text, not a number",
         _saved(tmp_path, "deep.json", "[" * 100000 + "]" * 100000): "(not JSON)",
         tmp_path: "it is a directory, not a regular file",
-        fifo: "it is a FIFO, not a regular file",
+        fifo: "it is a named pipe, not a regular file",
         tmp_path / "missing.json": "No such file or directory",
     }
     sets = {"seed 1e20": "bad value '1e20' for seed",
@@ -183,7 +182,7 @@ def test_no_command_ends_a_piped_chat(env, ckpt, small, tmp_path):
     os.truncate(tmp_path / "huge.txt", 1 << 40)  # sparse: a terabyte that takes no disk
     others = {"/save ~nosuchuser/x": "cannot expand ~nosuchuser: no such user or home directory",
               f"/read {tmp_path}": "it is a directory, not a regular file",
-              f"/read {fifo}": "it is a FIFO, not a regular file",  # reading it would wait for a writer forever
+              f"/read {fifo}": "it is a named pipe, not a regular file",  # reading it would wait for a writer forever
               "/read /dev/zero": "it is a device, not a regular file",  # reading it would never end
               f"/read {tmp_path / 'huge.txt'}": "has 1,099,511,627,776 bytes, more than the context can hold",
               "/read": "usage: /read FILE", "/load": "usage: /load FILE", "/save": "usage: /save FILE"}
@@ -266,8 +265,8 @@ def test_save_refuses_links_fifos_devices_and_directories_and_existing_files(env
     except PermissionError:  # only root may make a device node; /dev/full showed the bug as root
         device = None
     refused = {"link.json": ("link.json", "a symbolic link"), "dangling.json": ("dangling.json", "a symbolic link"),
-               "fifo.json": ("fifo.json", "a FIFO"), "dir.json": ("dir.json", "a directory"),
-               "halfway.json": ("halfway.json.state", "a FIFO"), "stale.json": ("stale.json.state", "a symbolic link"),
+               "fifo.json": ("fifo.json", "a named pipe"), "dir.json": ("dir.json", "a directory"),
+               "halfway.json": ("halfway.json.state", "a named pipe"), "stale.json": ("stale.json.state", "a symbolic link"),
                **({"null.json": ("null.json", "a device")} if device else {})}
     lines = ["hi", *(f"/save {t}" for t in refused), *(f"/save! {t}" for t in refused),
              "/save talk.json", "/save talk.json", "/save! talk.json"]
