@@ -13,32 +13,29 @@ the final footprint plus one tensor.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import math
 import os
 import re
-import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from . import checkpoint_files, devices, offload, quant
+from . import checkpoint_files, offload, quant
 from .config import JambaConfig
 from .defaults import INT8_SKIP, INT8_THRESHOLD, bundled_model_dir
-from .errors import CheckpointError, ConfigError, DeviceMapError, JambaError, UsageError
+from .errors import CheckpointError, ConfigError, UsageError
 from .hub import is_local_path
 from .kernels import KernelOptions
 from .model import JambaForCausalLM
+from .placement import _no_init, place
+from .safetensors_header import _DTYPE_NAMES, TensorEntry, read_header
 from .tokenizer import Tokenizer, load_tokenizer
 
 Progress = Callable[[int, int], None]  # (bytes loaded, bytes in all)
 
-_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
-           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-           "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 DTYPE_NAMES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
                "float16": torch.float16, "half": torch.float16, "fp32": torch.float32, "float32": torch.float32}
 
@@ -46,120 +43,6 @@ DTYPE_NAMES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch
 # Python writes it (no leading zero, ASCII digits): `experts.02` or `experts.٢` would otherwise name expert 2
 # a second time.
 _EXPERT_KEY = re.compile(r"(.*\.feed_forward\.experts)\.(0|[1-9][0-9]*)\.(gate_proj|up_proj|down_proj)\.weight")
-
-
-_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
-MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
-
-
-@dataclass
-class TensorEntry:
-    file: Path
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    begin: int  # absolute byte offsets in the file
-    end: int
-
-
-def read_header(path: Path) -> dict[str, TensorEntry]:
-    """Parse and validate a safetensors header, as strictly as the safetensors library does and more: every
-    entry has a known dtype, a shape of non-negative integers and integer offsets that hold exactly its bytes;
-    the tensors tile the data section from its first byte to the end of the file, with no overlap, alias or
-    gap; no key is given twice. Each refusal is one line naming the file and the tensor.
-
-    The checks are our own, so that a message can name the tensor (the library's often gives a JSON column);
-    the library then parses the same header too (`_library_check`), so that nothing it refuses loads here."""
-    with checkpoint_files.open_regular(path) as f:
-        size = os.fstat(f.fileno()).st_size
-        if size < 8:
-            raise CheckpointError(f"{path.name} is not a safetensors file (too short)")
-        (n,) = struct.unpack("<Q", _read_exactly(f, 8, path))
-        if n > size - 8 or n > MAX_HEADER_BYTES:
-            raise CheckpointError(f"{path.name} is corrupt or truncated (header length {n} > file size {size})")
-        text = _read_exactly(f, n, path)
-    what = f"{path.name} is corrupt: its safetensors header"
-    try:
-        header = checkpoint_files.parse_json(text.decode("utf-8"), what)
-    except UnicodeDecodeError:
-        raise CheckpointError(f"{what} is not valid JSON (not UTF-8)") from None
-    data_size = size - 8 - n
-    entries = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            if not isinstance(info, dict) or not all(isinstance(v, str) for v in info.values()):
-                raise CheckpointError(f"{path.name} is corrupt: its __metadata__ must map strings to strings")
-            continue
-        label = checkpoint_files.shown(name)
-        if not isinstance(info, dict):
-            raise CheckpointError(f"{path.name} is corrupt: the header entry for {label} is not an object")
-        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-        if not isinstance(dtype, str) or dtype not in _DTYPES:
-            raise CheckpointError(f"{path.name} is corrupt: {label} has dtype {checkpoint_files.value(dtype)}; "
-                                  f"known: {', '.join(_DTYPES)}")
-        if not isinstance(shape, list) or not all(_is_size(d) for d in shape):
-            raise CheckpointError(f"{path.name} is corrupt: {label} has shape {checkpoint_files.value(shape)}, "
-                                  f"not a list of non-negative integers")
-        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_size(o) for o in offsets) \
-                or offsets[0] > offsets[1]:
-            raise CheckpointError(f"{path.name} is corrupt: {label} has data_offsets "
-                                  f"{checkpoint_files.value(offsets)}, not [begin, end] with 0 <= begin <= end")
-        begin, end = offsets
-        numel = math.prod(shape)
-        if end - begin != numel * _DTYPES[dtype].itemsize:
-            raise CheckpointError(f"{path.name} is corrupt: {label} has {end - begin} bytes for shape {shape}")
-        if end > data_size:
-            raise CheckpointError(f"{path.name} is truncated: {label} ends at byte {8 + n + end} "
-                                  f"but the file has {size}")
-        entries[name] = TensorEntry(path, _DTYPES[dtype], tuple(shape), 8 + n + begin, 8 + n + end)
-    # the tensors must tile the data section, in offset order, as the library requires
-    at, before = 8 + n, None
-    for name, entry in sorted(entries.items(), key=lambda item: (item[1].begin, item[1].end)):
-        if entry.begin != at:
-            problem = f"overlaps {checkpoint_files.shown(before)}" if entry.begin < at else \
-                f"starts {entry.begin - at} bytes after the end of the tensor before it"
-            raise CheckpointError(f"{path.name} is corrupt: the bytes of {checkpoint_files.shown(name)} {problem}")
-        at, before = entry.end, name
-    if at != size:
-        after = f", after {checkpoint_files.shown(before)}," if before is not None else ""
-        raise CheckpointError(f"{path.name} is corrupt: its last {size - at} bytes{after} belong to no tensor")
-    _library_check(path, entries)
-    return entries
-
-
-def _library_check(path: Path, entries: dict[str, TensorEntry]) -> None:
-    """The safetensors library parses the header too and must agree with us tensor for tensor: whatever it
-    refuses is refused, and no header can mean one thing to it and another to us. It memory-maps the file
-    and reads only the header, so this costs neither time nor memory (benchmarks/bench_load.py)."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(path, framework="pt") as f:
-            theirs = {k: f.get_slice(k) for k in f.keys()}
-            same = theirs.keys() == entries.keys() and all(
-                s.get_dtype() == _DTYPE_NAMES[entries[k].dtype] and tuple(s.get_shape()) == entries[k].shape
-                for k, s in theirs.items())
-    except Exception as e:  # SafetensorError, mostly; whatever else it raises on this file is a refusal too
-        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path.name} is corrupt: {checkpoint_files.shown(detail)}") from None
-    if not same:
-        raise CheckpointError(f"{path.name} is corrupt: the safetensors library reads its header differently")
-
-
-def _read_exactly(f, n: int, path: Path) -> bytes:
-    data = bytearray()
-    try:
-        while len(data) < n:
-            chunk = f.read(n - len(data))
-            if not chunk:
-                raise CheckpointError(f"{path.name} is truncated")
-            data += chunk
-    except OSError as e:
-        raise CheckpointError(f"cannot read {path}: {e.strerror}") from None
-    return bytes(data)
-
-
-def _is_size(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def resolve(path_or_repo: str | os.PathLike, revision: str | None = None) -> Path:
@@ -225,26 +108,6 @@ def weight_map(directory: Path) -> dict[Path, set[str]]:
                 raise
         out.setdefault(checked[name], set()).add(tensor)
     return out
-
-
-def default_dtype(config: JambaConfig, device: torch.device) -> torch.dtype:
-    """bf16 on accelerators; on CPU fp32 (faster and exact there) unless it would not fit comfortably."""
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type != "cpu":
-        return torch.float16
-    params = approx_params(config)
-    try:
-        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError):
-        avail = 0
-    return torch.float32 if avail == 0 or params * 4 < 0.5 * avail else torch.bfloat16
-
-
-def approx_params(c: JambaConfig) -> int:
-    mlp = 3 * c.hidden_size * c.intermediate_size
-    per_layer = sum(mlp * (c.num_experts if c.is_moe(i) else 1) for i in range(c.num_hidden_layers))
-    return per_layer + 2 * c.vocab_size * c.hidden_size
 
 
 @dataclass
@@ -327,124 +190,6 @@ def _check_shape(key: str, entry: TensorEntry, want: tuple[int, ...]) -> None:
     if tuple(entry.shape) != tuple(want):
         raise CheckpointError(f"shape mismatch for {key}: checkpoint has {list(entry.shape)}, "
                               f"config expects {list(want)}")
-
-
-class Placer:
-    """Gives each parameter of a meta model its memory: allocated on its device, memory-mapped in a private
-    directory of the offload folder (the OS pages it in from disk when it runs on the CPU), or, for a
-    quantized weight, a full-precision staging buffer on its device that is quantized once it is filled."""
-
-    def __init__(self, model: JambaForCausalLM, where: dict[str, str], dtype: torch.dtype,
-                 quantized: set[str], offload_folder: str | os.PathLike | None):
-        self.model, self.where, self.dtype, self.quantized = model, where, dtype, quantized
-        self.offload_dir = None
-        if "disk" in where.values():
-            try:
-                self.offload_dir = offload.make_folder(offload_folder)
-            except OSError as e:
-                raise JambaError(f"cannot use offload folder {offload_folder}: {e.strerror}") from None
-        self.staged: dict[str, list] = {}  # weight name -> [buffer, elements still to come]
-
-    def allocate(self) -> None:
-        for name, p in list(self.model.named_parameters()):
-            if name not in self.quantized:
-                device = self.where[name]
-                t = self._mapped(name, p.shape) if device == "disk" else \
-                    torch.empty(p.shape, dtype=self.dtype, device=device)
-                _set_param(self.model, name, torch.nn.Parameter(t, requires_grad=False))
-        if self.model.config.tie_word_embeddings:
-            self.model.lm_head.weight = self.model.model.embed_tokens.weight
-        self.params = dict(self.model.named_parameters())
-
-    def target(self, name: str, index: tuple = ()) -> torch.Tensor:
-        """The tensor to write the part `index` of parameter `name` (unquantized naming) into."""
-        name, index = self._locate(name, index)
-        if name not in self.quantized:
-            return self.params[name].data[index]
-        if name not in self.staged:
-            shape = self.params[name].shape
-            self.staged[name] = [torch.empty(shape, dtype=self.dtype, device=self.where[name]), shape.numel()]
-        return self.staged[name][0][index]
-
-    def written(self, name: str, index: tuple, numel: int) -> None:
-        """Note that `numel` elements of `name` were written; a completed quantized weight is quantized."""
-        name, _ = self._locate(name, index)
-        if name in self.staged:
-            self.staged[name][1] -= numel
-            if self.staged[name][1] == 0:
-                quant.quantize(self.model.get_submodule(name.rpartition(".")[0]), self.staged.pop(name)[0])
-
-    def finish(self) -> JambaForCausalLM:
-        self.close()
-        self.model.eval()
-        return self.model
-
-    def close(self) -> None:
-        # the mapped files stay usable after unlinking; their space is freed when the process exits
-        if self.offload_dir is not None:
-            offload.remove(self.offload_dir)
-
-    def _locate(self, name: str, index: tuple) -> tuple[str, tuple]:
-        # expert e of a stacked parameter is its own linear once quantized (quant.QuantExperts)
-        base, _, kind = name.rpartition(".")
-        if kind in ("gate_up_proj", "down_proj") and index:
-            linear = f"{base}.{kind.removesuffix('_proj')}.{index[0]}.weight"
-            if linear in self.quantized:
-                return linear, index[1:]
-        return name, index
-
-    def _mapped(self, name: str, shape: torch.Size) -> torch.Tensor:
-        path = self.offload_dir / f"{name}.bin"
-        try:
-            with open(path, "wb") as f:
-                size = shape.numel() * self.dtype.itemsize
-                if hasattr(os, "posix_fallocate"):  # reserve the blocks: a full disk fails here, not as SIGBUS later
-                    os.posix_fallocate(f.fileno(), 0, size)
-                else:
-                    f.truncate(size)
-        except OSError as e:
-            raise JambaError(f"cannot offload {name} to {self.offload_dir.parent}: {e.strerror}") from None
-        return torch.from_file(str(path), shared=True, size=shape.numel(), dtype=self.dtype).view(shape)
-
-
-def place(model: JambaForCausalLM, *, dtype: torch.dtype | None = None, device=None, device_map=None,
-          max_memory: dict | str | None = None, offload_folder: str | os.PathLike | None = None,
-          quant_config: quant.QuantConfig | None = None) -> Placer:
-    """Decide where each parameter of a meta-device model goes and swap in quantized modules (on meta).
-
-    Nothing is allocated: call `allocate()` on the result, then write each weight through `target`/`written`.
-    """
-    if device is not None and device_map is not None:
-        raise DeviceMapError("pass either `device` or `device_map`, not both")
-    if offload_folder is not None:
-        offload.sweep(offload_folder)  # what a killed load left behind
-    budget = devices.parse_max_memory(max_memory) if isinstance(max_memory, str) else \
-        devices.budget_bytes(max_memory) if max_memory else None
-    if device_map is None:  # a budget alone asks for a planned map
-        device_map = device or ("auto" if budget else "cuda" if torch.cuda.is_available() else "cpu")
-    targets = quant.targets(model, quant_config) if quant_config else {}
-    special = {w: quant.weight_dtype(quant_config) for ws in targets.values() for w in ws}
-    automatic = isinstance(device_map, str) and device_map in devices.AUTO_MAPS
-    if automatic:
-        dtype = dtype or default_dtype(model.config, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-        device_map = devices.automatic(model, device_map, budget, dtype, special)
-    else:
-        device_map = devices.explicit(model, device_map, "`device`" if device is not None else "`device_map`")
-        first = next((d for d in device_map.values() if d not in ("cpu", "disk")), "cpu")
-        dtype = dtype or default_dtype(model.config, torch.device(first))
-    where = devices.assign(model, device_map)
-    if budget or automatic or "disk" in where.values():  # (a plain device needs no accelerate import)
-        from accelerate.utils import dtype_byte_size
-
-        sizes = {name: p.numel() * dtype_byte_size(special.get(name, dtype)) for name, p in model.named_parameters()}
-        devices.check_budget(sizes, where, budget, offload_folder, automatic)
-    quantized = set()
-    if targets:
-        names = [m for m, ws in targets.items() if where[ws[0]] != "disk"]  # offloaded weights stay full precision
-        with _no_init():
-            quantized = quant.swap(model, names, quant_config, compute_dtype=dtype)
-        where = devices.assign(model, device_map)
-    return Placer(model, where, dtype, quantized, offload_folder)
 
 
 def read_entries(directory: Path) -> dict[str, TensorEntry]:
@@ -542,22 +287,6 @@ def load_model(directory: Path, *, progress: Progress | None = None, **placement
             placer.close()  # a no-op after finish; on an error or a signal, the offload folder goes
 
 
-@contextlib.contextmanager
-def _no_init():
-    """Skip parameter init while building on meta: its values are overwritten anyway, and the first compute
-    op on a meta tensor imports torch's Python decompositions (sympy and more), which then stay in memory for
-    good: they would count in the peak RSS that `benchmarks/bench_load.py` tracks (results/load_cpu.json)."""
-    names = ("kaiming_uniform_", "uniform_", "normal_")
-    saved = {name: getattr(torch.nn.init, name) for name in names}
-    for name in names:
-        setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
-    try:
-        yield
-    finally:
-        for name, fn in saved.items():
-            setattr(torch.nn.init, name, fn)
-
-
 def _read_into(f, entry: TensorEntry, dest: torch.Tensor) -> None:
     """Read one tensor's bytes from the open file into `dest`, converting dtype and device as needed."""
     nbytes = entry.end - entry.begin
@@ -574,11 +303,6 @@ def _read_into(f, entry: TensorEntry, dest: torch.Tensor) -> None:
         got += n
     if not direct:
         dest.copy_(buf.view(dest.shape))
-
-
-def _set_param(model: torch.nn.Module, name: str, value: torch.nn.Parameter) -> None:
-    module_name, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(module_name), attr, value)
 
 
 def quant_config(load_in_8bit: bool = False, load_in_4bit: bool = False,

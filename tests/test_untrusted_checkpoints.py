@@ -26,7 +26,8 @@ from helpers import ROOT, jamba
 from jamba_cli import offload
 from jamba_cli.config import JambaConfig
 from jamba_cli.errors import CheckpointError, ConfigError, JambaError
-from jamba_cli.loader import load, read_header
+from jamba_cli.loader import load
+from jamba_cli.safetensors_header import read_header
 from jamba_cli.model import JambaForCausalLM
 
 INDEX = "model.safetensors.index.json"

@@ -1,0 +1,73 @@
+"""Facts about files on disk that several modules rely on: what kind a path is, whether the process that
+owns a leftover is gone, and the names of the temporaries a write goes through (so that one a killed
+process left behind is recognised and removed later)."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import stat
+from pathlib import Path
+
+
+def file_kind(mode: int) -> str | None:
+    """What a file that is not a regular one is, in words ("directory", "symbolic link", ...); None for a
+    regular file."""
+    for test, kind in ((stat.S_ISDIR, "directory"), (stat.S_ISLNK, "symbolic link"), (stat.S_ISFIFO, "named pipe"),
+                       (stat.S_ISCHR, "device"), (stat.S_ISBLK, "device"), (stat.S_ISSOCK, "socket")):
+        if test(mode):
+            return kind
+    return None if stat.S_ISREG(mode) else "special file"
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (another user's counts; a pid no process can have does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: it exists
+        return True
+    except OverflowError:  # no such pid can exist
+        return False
+    return True
+
+
+_HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:64] or "host"
+_TMP = re.compile(r"^\..+\.(?P<host>[A-Za-z0-9-]+)-(?P<pid>\d+)\.jamba-tmp$")
+
+
+def temporary_name(path: Path) -> Path:
+    """Where a file for `path` is written before it replaces `path`: beside it, hidden, named after this
+    host and process, so that the one a killed process left behind can be recognised as stale."""
+    return path.with_name(f".{path.name}.{_HOST}-{os.getpid()}.jamba-tmp")
+
+
+def remove_stale_temporaries(directory: Path) -> list[Path]:
+    """Remove the temporaries in `directory` that processes of this host which have since died left
+    behind (a write cut by SIGKILL or a power loss); those of live processes are left alone.
+
+    Returns:
+        the files removed.
+    """
+    removed = []
+    if os.name != "posix":  # liveness is probed with signal 0, a POSIX idiom
+        return removed
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return removed
+    for entry in entries:
+        m = _TMP.match(entry.name)
+        if not m or m["host"] != _HOST or int(m["pid"]) == os.getpid():
+            continue
+        try:
+            st = entry.stat(follow_symlinks=False)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid() or process_alive(int(m["pid"])):
+                continue
+            os.unlink(entry.path)
+            removed.append(Path(entry.path))
+        except OSError:
+            continue
+    return removed
