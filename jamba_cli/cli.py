@@ -86,9 +86,10 @@ def _model_dir(console, spec: str | None, revision: str | None, yes: bool) -> tu
                       style="dim", highlight=False)
         return bundled, bundled.name
     from . import hub
+    from .files import expand_user
     from .loader import resolve
 
-    path, local = hub.expand_user(spec, "model"), hub.is_local_path(spec)
+    path, local = expand_user(spec, "model"), hub.is_local_path(spec)
     if path.is_dir() or (local and os.path.lexists(path)):  # a file: the loader says what is wrong
         return resolve(path), spec
     if local:  # a path is never taken for a repo id, so it is never downloaded
@@ -165,7 +166,7 @@ def _read_stdin(*, named: bool) -> str:
 
 
 def _read_text(path: Path | str, what: str, param: str) -> str:
-    from .hub import expand_user
+    from .files import expand_user
 
     path = expand_user(path, param)  # `~user` of no such user: a usage error naming the flag
     try:
@@ -215,7 +216,7 @@ def _require_stdout() -> None:
 def _checked(shared: Shared) -> Shared:
     """The shared options with their text checked (UTF-8) and `~` expanded in the loader's paths (the
     system file's is expanded where it is read); `~user` of no such user is a usage error."""
-    from .hub import expand_user
+    from .files import expand_user
 
     _checked_text(shared.system, "--system")
     for stop in shared.sampling.stop or ():
@@ -262,7 +263,7 @@ def run(
         if raw and system_text is not None:
             raise UsageError("--system needs the chat template; drop --raw")
         if prompt_cache is not None:  # a directory, link, pipe or foreign file is refused before any work
-            from .hub import expand_user
+            from .files import expand_user
             from .prompt_cache import check_target
 
             prompt_cache = check_target(expand_user(prompt_cache, "prompt_cache"))
@@ -350,7 +351,7 @@ def chat(
         _require_stdout()
         shared = _checked(shared)
         if resume is not None:
-            from .hub import expand_user
+            from .files import expand_user
 
             resume = expand_user(resume, "resume")
         system_text = read_system(shared.system, shared.system_file)

@@ -1,6 +1,6 @@
-"""Facts about files on disk that several modules rely on: what kind a path is, whether the process that
-owns a leftover is gone, and the names of the temporaries a write goes through (so that one a killed
-process left behind is recognised and removed later)."""
+"""Facts about files on disk that several modules rely on: `~user` in a path given by a user, what kind a
+path is, whether the process that owns a leftover is gone, and the names of the temporaries a write goes
+through (so that one a killed process left behind is recognised and removed later)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,21 @@ import re
 import socket
 import stat
 from pathlib import Path
+
+from .errors import UsageError
+
+
+def expand_user(path: str | os.PathLike, param: str) -> Path:
+    """`path` with a leading `~` or `~user` expanded. A user that does not exist is a UsageError naming
+    `param` (Path.expanduser raises a RuntimeError; os.path.expanduser would leave a folder named ~user)."""
+    text = os.fspath(path)
+    if not text.startswith("~"):
+        return Path(text)
+    expanded = os.path.expanduser(text)
+    if expanded.startswith("~"):
+        user = re.split(r"[/\\]", text[1:], maxsplit=1)[0]
+        raise UsageError(f"`{param}`: cannot expand ~{user}: " + ("no such user" if user else "no home directory"))
+    return Path(expanded)
 
 
 def file_kind(mode: int) -> str | None:

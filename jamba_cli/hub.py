@@ -34,6 +34,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import HubError, UsageError
+from .files import expand_user
 from .terminal import format_bytes
 
 # ORG/NAME as the Hub allows them: what `jamba -m` and `load` take for a Hub repo. Each part starts and ends
@@ -45,19 +46,6 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _NOT_IN_REF = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]")  # what git forbids in a branch or tag name
 _TRUE = {"1", "ON", "YES", "TRUE"}
-
-
-def expand_user(path: str | os.PathLike, param: str) -> Path:
-    """`path` with a leading `~` or `~user` expanded. A user that does not exist is a UsageError naming
-    `param` (Path.expanduser raises a RuntimeError; os.path.expanduser would leave a folder named ~user)."""
-    text = os.fspath(path)
-    if not text.startswith("~"):
-        return Path(text)
-    expanded = os.path.expanduser(text)
-    if expanded.startswith("~"):
-        user = re.split(r"[/\\]", text[1:], maxsplit=1)[0]
-        raise UsageError(f"`{param}`: cannot expand ~{user}: " + ("no such user" if user else "no home directory"))
-    return Path(expanded)
 
 
 def is_local_path(spec: str) -> bool:

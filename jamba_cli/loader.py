@@ -27,6 +27,7 @@ from . import checkpoint_files, offload, quant
 from .config import JambaConfig
 from .defaults import INT8_SKIP, INT8_THRESHOLD, bundled_model_dir
 from .errors import CheckpointError, ConfigError, UsageError
+from .files import expand_user
 from .hub import is_local_path
 from .kernels import KernelOptions
 from .model import JambaForCausalLM
@@ -47,7 +48,7 @@ _EXPERT_KEY = re.compile(r"(.*\.feed_forward\.experts)\.(0|[1-9][0-9]*)\.(gate_p
 
 def resolve(path_or_repo: str | os.PathLike, revision: str | None = None) -> Path:
     """A local directory, or a Hub repo id already in the local HF cache (never touches the network)."""
-    p = Path(path_or_repo).expanduser()
+    p = expand_user(path_or_repo, "path_or_repo")  # ~nosuchuser: one UsageError, not a RuntimeError
     if p.is_dir():
         return p
     name = str(path_or_repo)

@@ -169,3 +169,8 @@ def test_not_a_directory(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(CheckpointError, match="is a file"):
         load(tmp_path / "file")
+
+
+def test_a_user_that_does_not_exist_is_one_usage_error_through_the_api():
+    with pytest.raises(UsageError, match="`path_or_repo`: cannot expand ~nosuchuser-jamba-test: no such user"):
+        load("~nosuchuser-jamba-test/ckpt")
