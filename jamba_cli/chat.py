@@ -20,7 +20,7 @@ import torch
 
 from .cache import make_cache
 from .errors import ChatTemplateError, ContextOverflowError, JambaError
-from .files import file_kind, remove_stale_temporaries, temporary_name
+from .files import file_kind, open_regular, remove_stale_temporaries, temporary_name
 from .generation import GenerationChunk, on_single_gpu, stream_generate
 from .quant import is_quantized
 from .sample import SamplingParams
@@ -288,13 +288,11 @@ def read_file(path: Path, limit: int) -> bytes:
         JambaError: the file cannot be read, is no regular file, or is larger than `limit`.
     """
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO with no writer: no wait
-    except (OSError, ValueError) as e:  # ValueError: a NUL in the name
+        fd = open_regular(path)
+    except (OSError, ValueError) as e:  # NotRegularFile says what it is instead; ValueError: a NUL in the name
         raise JambaError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
     try:
         info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise JambaError(f"cannot read {path}: it is {_kind(info.st_mode)}, not a regular file")
         if info.st_size > limit:
             raise JambaError(f"{path} has {info.st_size:,} bytes, more than the context can hold")
         with open(fd, "rb", closefd=False) as f:

@@ -15,6 +15,7 @@ import stat
 from pathlib import Path, PurePosixPath
 
 from .errors import CheckpointError, JambaError
+from . import files
 
 MAX_JSON_BYTES = 16 << 20  # config, index, tokenizer_config, generation_config, chat template: all far smaller
 
@@ -87,12 +88,11 @@ def check_file(path: Path, directory: Path) -> Path:
 def open_regular(path: Path, error: type[JambaError] = CheckpointError):
     """`path` opened for binary reading, refused unless it is a regular file; never blocks (a FIFO)."""
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+        fd = files.open_regular(path)
+    except files.NotRegularFile:
+        raise error(f"{path} is not a regular file") from None
     except OSError as e:
         raise error(f"cannot read {path}: {e.strerror}") from None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):  # checked on what was opened, not on the name
-        os.close(fd)
-        raise error(f"{path} is not a regular file")
     return os.fdopen(fd, "rb", buffering=0)
 
 

@@ -36,6 +36,32 @@ def file_kind(mode: int) -> str | None:
     return None if stat.S_ISREG(mode) else "special file"
 
 
+class NotRegularFile(OSError):
+    """What `open_regular` raises for a path that is no regular file; `kind` says what it is instead."""
+
+    def __init__(self, kind: str):
+        super().__init__(f"it is a {kind}, not a regular file")
+        self.kind = kind
+
+
+def open_regular(path: str | os.PathLike, *, follow: bool = True) -> int:
+    """A descriptor of `path` opened for reading, which is a regular file: checked on what was opened, not on
+    the name, and opened without blocking, so a pipe with no writer cannot hang the caller nor a device feed
+    it forever. `follow`: a symbolic link is followed (else refused by the OS).
+
+    Raises:
+        NotRegularFile: `path` is a directory, pipe, device or socket.
+        OSError: it cannot be opened.
+    """
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(path, flags if follow else flags | getattr(os, "O_NOFOLLOW", 0))
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise NotRegularFile(file_kind(mode) or "special file")
+    return fd
+
+
 def process_alive(pid: int) -> bool:
     """Whether a process with this pid exists (another user's counts; a pid no process can have does not)."""
     try:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import stat
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import PromptCacheError, UsageError
-from .files import file_kind, remove_stale_temporaries, temporary_name
+from .files import NotRegularFile, file_kind, open_regular, remove_stale_temporaries, temporary_name
 from .fingerprint import fingerprint
 
 if TYPE_CHECKING:
@@ -90,26 +89,24 @@ def _looks_like_cache(path: Path) -> bool:
     """Whether the regular file at `path` starts with a prompt cache's header (of any version, whole or cut
     short); reads at most 64 KB."""
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
-        with os.fdopen(fd, "rb") as f:
+        with os.fdopen(open_regular(path, follow=False), "rb") as f:
             head = f.read(1 << 16)
     except OSError:
         return False
     return head[8:9] == b"{" and b'"jamba-prompt-cache/' in head
 
 
-def _metadata(path: Path, limit: int, follow: bool = False) -> dict:
-    """The `__metadata__` of a safetensors file, read without blocking on a pipe (nor following a symbolic
-    link unless `follow`).
+def _metadata(path: Path, limit: int) -> dict:
+    """The `__metadata__` of a safetensors file (`open_regular`: a pipe or a device is never read).
 
     Raises:
         ValueError: not a regular file with a safetensors header of at most `limit` bytes.
     """
-    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | (0 if follow else getattr(os, "O_NOFOLLOW", 0))
-    fd = os.open(path, flags)
+    try:
+        fd = open_regular(path)
+    except NotRegularFile:
+        raise ValueError("not a regular file") from None
     with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-            raise ValueError("not a regular file")
         raw = f.read(8)
         if len(raw) < 8:
             raise ValueError("too short")
@@ -260,7 +257,7 @@ def _open(path: Path, model: JambaForCausalLM, cache: HybridCache, context_size:
              for i, layer in enumerate(cache.layers)]
     limit = 4096 + 256 * (2 + 2 * len(names))  # a header with room for the expected tensors, no more
     try:
-        meta = _metadata(path, limit, follow=True)
+        meta = _metadata(path, limit)
     except OSError as e:
         raise PromptCacheError(f"cannot read prompt cache {path}: {e.strerror or e}") from None
     except (ValueError, RecursionError) as e:  # (a JSON nested thousands deep)
