@@ -1,5 +1,11 @@
 """Memory, load time and speed of a Jamba-shaped model in bf16, 8-bit and 4-bit, from random weights.
 
+Modes: bf16; int8 and fp8 (our 8-bit layers, quant8.py); bnb8 (bitsandbytes LLM.int8, formerly "8bit") and
+nf4 (bitsandbytes, formerly "4bit"). Per mode: prefill speed, decode speed after a `--decode-prompt`
+token prompt, the weight bytes a decode step reads, and that speed as a fraction of its limit: the read
+bandwidth of our GEMV on weights of the same storage type, measured in the same run, divided by those bytes.
+`--long N` also runs an N-token prompt through chunked prefill (bounded memory) and reports the peak.
+
 No checkpoint is read: the model is built on the meta device, placed by the loader's own `place()` (device
 map, max memory, quantized modules), and each parameter is filled with seeded random numbers and, for the
 quantized ones, quantized at once, so peak memory stays near the final footprint plus one weight.
@@ -9,7 +15,8 @@ the modes can be compared: `max_abs_logit_diff_vs_first` is against the first mo
     python benchmarks/bench_quant.py benchmarks/results/quant_h200.json --shape mini
     python benchmarks/bench_quant.py out.json --shape large --layers 8 --modes 8bit,4bit
     python benchmarks/bench_quant.py out.json --shape mini --device-map auto --max-memory 0=60GiB,cpu=100GiB
-    python benchmarks/bench_quant.py /tmp/smoke.json --shape tiny --new-tokens 4      # CPU smoke test
+    python benchmarks/bench_quant.py out.json --shape mini --modes fp8,int8 --long 262144   # one 80 GB GPU
+    python benchmarks/bench_quant.py /tmp/smoke.json --shape tiny --new-tokens 4 --modes bf16,int8,fp8   # CPU
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from jamba_cli import quant  # noqa: E402
+from jamba_cli import quant, quant8  # noqa: E402
 from jamba_cli.cache import make_cache  # noqa: E402
 from jamba_cli.config import JambaConfig  # noqa: E402
 from jamba_cli.terminal import format_bytes  # noqa: E402
@@ -46,7 +53,10 @@ SHAPES = {
     "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=8, num_attention_heads=4,
                  num_key_value_heads=2, num_experts=4),
 }
-MODES = {"bf16": None, "8bit": 8, "4bit": 4}
+MODES = {"bf16": None, "int8": dict(bits=8, backend="ours", format="int8"),
+         "fp8": dict(bits=8, backend="ours", format="fp8"), "bnb8": dict(bits=8, backend="bitsandbytes"),
+         "nf4": dict(bits=4, backend="bitsandbytes")}
+MODES.update({"8bit": MODES["bnb8"], "4bit": MODES["nf4"]})
 CHUNK = 1 << 26  # elements generated at a time (128 MiB in bf16)
 
 
@@ -70,21 +80,68 @@ def fill(name: str, t: torch.Tensor, config: JambaConfig, gen_device: torch.devi
                 part.copy_(torch.empty(part.shape, dtype=torch.float32, device=gen_device).normal_(0, std, generator=g))
 
 
-def build(config: JambaConfig, dtype: torch.dtype, bits: int | None, args) -> JambaForCausalLM:
+def build(config: JambaConfig, dtype: torch.dtype, mode: dict | None, args) -> JambaForCausalLM:
     with torch.device("meta"):
         model = JambaForCausalLM(config)
-    qc = quant.QuantConfig(bits, quant.parse_skip(args.int8_skip), args.int8_threshold) if bits else None
+    qc = quant.QuantConfig(skip=quant.parse_skip(args.int8_skip), threshold=args.int8_threshold,
+                           **mode) if mode else None
     device = None if args.device_map or args.max_memory else args.device
+    shapes = {name: p.shape for name, p in model.named_parameters()}  # named as in the checkpoint
     placer = place(model, dtype=dtype, device=device, device_map=args.device_map, max_memory=args.max_memory,
                    offload_folder=args.offload_folder, quant_config=qc)
-    names = [name for name, _ in model.named_parameters()]
     placer.allocate()
     gen_device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    for name in names:  # one at a time: a quantized weight is quantized as soon as it is filled
-        t = placer.target(name)
-        fill(name, t, config, gen_device)
-        placer.written(name, (), t.numel())
+    for name, shape in shapes.items():  # one at a time: a quantized weight is quantized as soon as it is filled
+        stacked = name.endswith(("experts.gate_up_proj", "experts.down_proj"))
+        for index in [(e,) for e in range(shape[0])] if stacked else [()]:  # experts one by one, as on disk
+            t = placer.target(name, index)
+            fill(f"{name}.{index[0]}" if index else name, t, config, gen_device)
+            placer.written(name, index, t.numel())
     return placer.finish()
+
+
+def bytes_per_token(model: JambaForCausalLM) -> int:
+    """Weight bytes one decode step reads at batch 1: every weight, but only top_k of X experts and one
+    row of the embedding."""
+    c = model.config
+    total = 0
+    for mname, module in model.named_modules():
+        for pname, p in module.named_parameters(recurse=False):
+            n = p.numel() * p.element_size() + quant._scale_bytes(module, p)
+            if mname == "model.embed_tokens":
+                n //= c.vocab_size
+            elif ".experts" in f"{mname}.{pname}":
+                n = n * c.num_experts_per_tok // c.num_experts
+            total += n
+    return total
+
+
+def gemv_bandwidth(storage: str, device: str) -> float | None:
+    """Bytes per second our decode GEMV reads from weights of one expert's gate_up shape of Jamba-Mini,
+    stored as `storage` (bf16, int8, fp8): eight such weights in turn, so that none is served from L2."""
+    if not torch.cuda.is_available():
+        return None
+    from jamba_cli.kernels.triton.gemv import gemv
+
+    n, k = 28672, 4096
+    ws = []
+    for i in range(8):
+        w = torch.randn(n, k, device=device, dtype=torch.bfloat16) * 0.02
+        ws.append(w if storage == "bf16" else quant8.quantize_rows(w, storage)[0])
+    scale = None if storage == "bf16" else torch.ones(n, device=device)
+    x = torch.randn(1, k, device=device, dtype=torch.bfloat16)
+    for w in ws:
+        gemv(x, w, scale=scale)
+    times = []
+    for _ in range(5):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for w in ws:
+            gemv(x, w, scale=scale)
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1000)
+    return sum(w.numel() * w.element_size() for w in ws) / sorted(times)[len(times) // 2]
 
 
 def sync() -> None:
@@ -117,7 +174,7 @@ def run_mode(mode: str, config: JambaConfig, dtype: torch.dtype, args) -> tuple[
         return time.perf_counter() - t0, logits[0, -1].float().cpu()
 
     def decode(n_prompt: int, n_new: int) -> float:
-        # as `jamba run` decodes: a CUDA graph on one GPU in bf16, eager when quantized or split
+        # as `jamba run` decodes: a CUDA graph on one GPU (bf16 or our 8-bit), eager for bitsandbytes or split
         steps = generate_step(model, prompt[0, :n_prompt], max_tokens=n_new + 1)
         next(steps)  # prefill and the first token
         sync()
@@ -130,23 +187,48 @@ def run_mode(mode: str, config: JambaConfig, dtype: torch.dtype, args) -> tuple[
     prefill(min(16, args.prompt_len))  # warm-up: lazy initialisation in torch and bitsandbytes
     decode(min(16, args.prompt_len), 2)
     prefill_s, first_logits = prefill(args.prompt_len)
-    decode_s = decode(args.prompt_len, args.new_tokens)
+    decode_prompt = args.decode_prompt or args.prompt_len
+    decode_s = decode(decode_prompt, args.new_tokens)
+    peak = {f"cuda:{i}": torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count())}
+    long = {}
+    if args.long:
+        for i in range(torch.cuda.device_count()):
+            torch.cuda.reset_peak_memory_stats(i)
+        ids = torch.randint(3, config.vocab_size, (args.long,), generator=torch.Generator().manual_seed(1))
+        sync()
+        t0 = time.perf_counter()
+        tokens = list(generate_step(model, ids, max_tokens=4))  # chunked prefill, then three decode steps
+        sync()
+        long = {"long_prompt_tokens": args.long, "long_prompt_s": round(time.perf_counter() - t0, 2),
+                "long_prompt_tokens_generated": len(tokens),
+                "long_prompt_peak_allocated_bytes": {f"cuda:{i}": torch.cuda.max_memory_allocated(i)
+                                                     for i in range(torch.cuda.device_count())}}
+    read = bytes_per_token(model)
+    storage = {"int8": "int8", "fp8": "fp8"}.get(mode, "bf16")
+    bandwidth = gemv_bandwidth(storage, str(model.device)) if model.device.type == "cuda" else None
     result = {
         "mode": mode,
         "load_s": round(load_s, 3),
         "weights_bytes": quant.footprint(model),
         "weights": ", ".join(f"{where} {format_bytes(n, binary=True)}" for where, n in quant.footprint(model).items()),
         "peak_allocated_during_load_bytes": peak_load,
-        "peak_allocated_bytes": {f"cuda:{i}": torch.cuda.max_memory_allocated(i)
-                                 for i in range(torch.cuda.device_count())},
+        "peak_allocated_bytes": peak,  # load, prefill and decode (the long prompt's is apart)
         "host_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "layer_devices": sorted({str(d) for d in devices}),
         "decode_cuda_graph": on_single_gpu(model) and not quant.is_quantized(model),
         "prefill_tokens": args.prompt_len,
         "prefill_tok_s": round(args.prompt_len / prefill_s, 2),
+        "decode_prompt_tokens": decode_prompt,
         "decode_tokens": args.new_tokens,
+        "bytes_read_per_token": read,
+        "gemv_read_bytes_per_s": bandwidth,
+        "gemv_storage": storage,
+        "decode_limit_tok_s": round(bandwidth / read, 2) if bandwidth else None,
+        "decode_fraction_of_limit": round(args.new_tokens / decode_s / (bandwidth / read), 3) if bandwidth else None,
         "decode_tok_s": round(args.new_tokens / decode_s, 3),
         "decode_ms_per_token": round(1000 * decode_s / args.new_tokens, 2),
+        **long,
+        "weights_by_dtype": quant.bytes_by_dtype(model),
     }
     del model
     return result, first_logits
@@ -157,7 +239,7 @@ def main() -> None:
     p.add_argument("out", type=Path, help="JSON file to write")
     p.add_argument("--shape", choices=SHAPES, default="mini")
     p.add_argument("--layers", type=int, help="override num_hidden_layers (the layer schedule is kept)")
-    p.add_argument("--modes", default="bf16,8bit,4bit", help="comma list of bf16, 8bit, 4bit")
+    p.add_argument("--modes", default="bf16,int8,fp8,bnb8,nf4", help="comma list of " + ", ".join(MODES))
     p.add_argument("--dtype", default="bf16", help="dtype of unquantized weights and activations")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--device-map", help="auto, balanced, sequential, a device, or a JSON file")
@@ -167,6 +249,8 @@ def main() -> None:
     p.add_argument("--int8-threshold", type=float, default=6.0)
     p.add_argument("--prompt-len", type=int, default=512)
     p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--decode-prompt", type=int, help="prompt tokens before decoding (default: --prompt-len)")
+    p.add_argument("--long", type=int, help="also run a prompt of this many tokens through chunked prefill")
     args = p.parse_args()
 
     config = JambaConfig(**SHAPES[args.shape])
@@ -180,6 +264,7 @@ def main() -> None:
         if first is None:
             first = logits
         result["max_abs_logit_diff_vs_first"] = round((logits - first).abs().max().item(), 4)
+        result["logits_cosine_vs_first"] = round(torch.nn.functional.cosine_similarity(logits, first, dim=0).item(), 6)
         results.append(result)
         print(f"{mode:>5}: load {result['load_s']:7.1f} s  weights {result['weights']}  prefill "
               f"{result['prefill_tok_s']:9.1f} tok/s  decode {result['decode_tok_s']:7.2f} tok/s  "

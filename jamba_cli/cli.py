@@ -130,18 +130,21 @@ def load_model(console, options: ModelOptions, *, stats: bool = False):
 
     raise_on_interrupt()  # from here a download or a load may have to clean up after itself
     # contradictory quantization options fail here, before a model is downloaded
-    quant_config(options.load_in_8bit, options.load_in_4bit, options.int8_skip, options.int8_threshold)
+    arguments = options.load_arguments()
+    quant_config(options.load_in_8bit, options.load_in_4bit, options.int8_skip, options.int8_threshold,
+                 arguments["quant"], arguments["int8_backend"])
     directory, name = _model_dir(console, options.model, options.revision, options.yes)
     start = time.perf_counter()
     with load_progress(console, f"Loading {name}") as progress:
-        model, tokenizer = load(directory, progress=progress, **options.load_arguments())
+        model, tokenizer = load(directory, progress=progress, **arguments)
     load_s = time.perf_counter() - start
     if stats:
-        from .quant import footprint
+        from .quant import bytes_by_dtype, footprint
         from .terminal import format_bytes
 
         where = ", ".join(f"{device} {format_bytes(n)}" for device, n in footprint(model).items())
-        console.print(f"weights {where}", style="dim", soft_wrap=True)
+        kinds = ", ".join(f"{dtype} {format_bytes(n)}" for dtype, n in bytes_by_dtype(model).items())
+        console.print(f"weights {where} ({kinds})", style="dim", soft_wrap=True)
     return model, tokenizer, load_s, name
 
 

@@ -48,6 +48,17 @@ class Kernels(str, Enum):
     torch = "torch"
 
 
+class Quant(str, Enum):
+    int8 = "int8"
+    fp8 = "fp8"
+
+
+class Int8Backend(str, Enum):
+    auto = "auto"
+    ours = "ours"
+    bitsandbytes = "bitsandbytes"
+
+
 def _complete_model(incomplete: str) -> list[str]:
     """Repo ids in the local Hugging Face cache, and directories, that start with what was typed."""
     from .hub import cached_repo_ids
@@ -89,7 +100,12 @@ DeviceMapOpt = Annotated[str | None, typer.Option(help="Split the model over dev
                                                   "balanced_low_0, sequential, or a JSON file of module -> device.")]
 MaxMemOpt = Annotated[str | None, typer.Option(help="Memory per device for the map, e.g. 0=70GiB,1=80GiB,cpu=200GiB.")]
 OffloadOpt = Annotated[Path | None, typer.Option(help="Folder for weights that fit nowhere else (memory-mapped).")]
-Load8Opt = Annotated[bool, typer.Option("--load-in-8bit", help="Quantize weights to 8 bit (bitsandbytes).")]
+Load8Opt = Annotated[bool, typer.Option("--load-in-8bit", help="Quantize weights to 8 bit: on CUDA our kernels "
+                                        "(fp8 on Ada/Hopper and newer, int8 before), on CPU bitsandbytes.")]
+QuantOpt = Annotated[Quant | None, typer.Option(help="8-bit format of our kernels, wherever the model runs "
+                                                "(implies --load-in-8bit).")]
+BackendOpt = Annotated[Int8Backend, typer.Option(help="8-bit kernels: auto (ours on CUDA, bitsandbytes on CPU), "
+                                                 "ours, or bitsandbytes (LLM.int8).")]
 Load4Opt = Annotated[bool, typer.Option("--load-in-4bit", help="Quantize weights to 4 bit (bitsandbytes).")]
 SkipOpt = Annotated[str, typer.Option(help="Modules left unquantized (comma-separated name parts).")]
 ThresholdOpt = Annotated[float, typer.Option(min=0.0, help="LLM.int8 outlier threshold for 8-bit.")]
@@ -108,7 +124,8 @@ def _shared(
     ignore_eos: IgnoreEosOpt = False,
     dtype: DTypeOpt = DType.auto, device: DeviceOpt = None, kernels: KernelsOpt = Kernels.auto,
     device_map: DeviceMapOpt = None, max_memory: MaxMemOpt = None, offload_folder: OffloadOpt = None,
-    load_in_8bit: Load8Opt = False, load_in_4bit: Load4Opt = False, int8_skip: SkipOpt = ",".join(INT8_SKIP),
+    load_in_8bit: Load8Opt = False, quant: QuantOpt = None, int8_backend: BackendOpt = Int8Backend.auto,
+    load_in_4bit: Load4Opt = False, int8_skip: SkipOpt = ",".join(INT8_SKIP),
     int8_threshold: ThresholdOpt = INT8_THRESHOLD, context_size: CtxOpt = None,
     stats: StatsOpt = False, color: ColorOpt = Color.auto,
 ) -> None:
@@ -129,6 +146,8 @@ class ModelOptions(NamedTuple):  # NamedTuple, not dataclass: built at import, i
     max_memory: str | None
     offload_folder: Path | None
     load_in_8bit: bool
+    quant: Quant | None
+    int8_backend: Int8Backend
     load_in_4bit: bool
     int8_skip: str
     int8_threshold: float
@@ -138,7 +157,8 @@ class ModelOptions(NamedTuple):  # NamedTuple, not dataclass: built at import, i
         return dict(dtype=None if self.dtype == DType.auto else self.dtype.value, device=self.device,
                     device_map=self.device_map, max_memory=self.max_memory, offload_folder=self.offload_folder,
                     load_in_8bit=self.load_in_8bit, load_in_4bit=self.load_in_4bit, int8_skip=self.int8_skip,
-                    int8_threshold=self.int8_threshold, kernels=self.kernels.value)
+                    int8_threshold=self.int8_threshold, quant=self.quant.value if self.quant else None,
+                    int8_backend=self.int8_backend.value, kernels=self.kernels.value)
 
 
 class Shared(NamedTuple):

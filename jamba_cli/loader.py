@@ -4,7 +4,7 @@ The checkpoint is untrusted input (checkpoint_files.py: which files may be read,
 the directory -> read config.json -> read and validate every safetensors header -> hold the config's sizes
 against them (`check_sizes`) -> build the model on the meta device -> check the tensors' names, shapes and
 dtypes against the model (`plan`) -> `place`: resolve the device map
-(devices.py) and swap the modules to quantize for bitsandbytes ones (quant.py), still on meta; nothing
+(devices.py) and swap the modules to quantize for quantized ones (quant.py, quant8.py), still on meta; nothing
 is allocated before all of this checks out -> allocate each parameter on its device (or memory-map it
 in the offload folder) -> read tensor bytes straight into it, shard by shard; a weight to quantize is
 read into a staging buffer on its device and quantized as soon as it is complete. Peak memory stays near
@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint_files, offload, quant
+from . import checkpoint_files, offload
+from . import quant as _quant  # (`load` has a parameter named quant)
 from .config import JambaConfig
 from .defaults import INT8_SKIP, INT8_THRESHOLD, bundled_model_dir
 from .errors import CheckpointError, ConfigError, UsageError
@@ -307,21 +308,29 @@ def _read_into(f, entry: TensorEntry, dest: torch.Tensor) -> None:
 
 
 def quant_config(load_in_8bit: bool = False, load_in_4bit: bool = False,
-                 int8_skip: tuple[str, ...] | str = INT8_SKIP,
-                 int8_threshold: float = INT8_THRESHOLD) -> quant.QuantConfig | None:
-    """The bitsandbytes quantization that `load` applies for these arguments (see there), or None.
+                 int8_skip: tuple[str, ...] | str = INT8_SKIP, int8_threshold: float = INT8_THRESHOLD,
+                 quant: str | None = None, int8_backend: str = "auto") -> _quant.QuantConfig | None:
+    """The quantization that `load` applies for these arguments (see there), or None. Where "auto" goes
+    is settled once the device is known (`QuantConfig.resolved`).
 
     Raises:
-        UsageError: both 8-bit and 4-bit, or a negative threshold.
-        DependencyError: bitsandbytes is not installed.
+        UsageError: both 8-bit and 4-bit, a negative threshold, an unknown `quant` or `int8_backend`.
+        DependencyError: bitsandbytes is asked for and not installed.
     """
     if load_in_8bit and load_in_4bit:
         raise UsageError("`load_in_8bit` and `load_in_4bit` exclude each other")
-    if not (load_in_8bit or load_in_4bit):
+    if quant is not None and load_in_4bit:
+        raise UsageError(f"`quant` {quant} is 8-bit; it excludes `load_in_4bit`")
+    if not (load_in_8bit or load_in_4bit or quant is not None):
+        if int8_backend != "auto":
+            raise UsageError(f"`int8_backend` {int8_backend} applies to `load_in_8bit`, which is not set")
         return None
-    quant.require_bnb()
-    skip = quant.parse_skip(int8_skip) if isinstance(int8_skip, str) else tuple(int8_skip)
-    return quant.QuantConfig(8 if load_in_8bit else 4, skip, int8_threshold)
+    skip = _quant.parse_skip(int8_skip) if isinstance(int8_skip, str) else tuple(int8_skip)
+    config = _quant.QuantConfig(4 if load_in_4bit else 8, skip, int8_threshold, int8_backend, quant)
+    if config.bits == 4 or config.backend == "bitsandbytes" or (config.backend == "auto" and config.format is None
+                                                               and not torch.cuda.is_available()):
+        _quant.require_bnb()  # now, before a model is downloaded (auto is bitsandbytes without CUDA)
+    return config
 
 
 def load(path_or_repo: str | os.PathLike | None = None, *, dtype: torch.dtype | str | None = None,
@@ -329,8 +338,8 @@ def load(path_or_repo: str | os.PathLike | None = None, *, dtype: torch.dtype | 
          progress: Progress | None = None, device_map: str | dict | os.PathLike | None = None,
          max_memory: dict | str | None = None, offload_folder: str | os.PathLike | None = None,
          load_in_8bit: bool = False, load_in_4bit: bool = False, int8_skip: tuple[str, ...] | str = INT8_SKIP,
-         int8_threshold: float = INT8_THRESHOLD, kernels: KernelOptions | str | None = None
-         ) -> tuple[JambaForCausalLM, Tokenizer]:
+         int8_threshold: float = INT8_THRESHOLD, quant: str | None = None, int8_backend: str = "auto",
+         kernels: KernelOptions | str | None = None) -> tuple[JambaForCausalLM, Tokenizer]:
     """Load a Jamba model and its tokenizer.
 
     Args:
@@ -345,9 +354,16 @@ def load(path_or_repo: str | os.PathLike | None = None, *, dtype: torch.dtype | 
         max_memory: per-device budget for the automatic maps, {0: "70GiB", "cpu": "200GiB"} or the string
             "0=70GiB,cpu=200GiB"; implies device_map="auto" when no map is given.
         offload_folder: where "disk" weights are kept (memory-mapped, in full precision).
-        load_in_8bit / load_in_4bit: bitsandbytes LLM.int8 / nf4 weights for the linear layers and experts,
-            quantized as they stream in; `int8_skip` names the modules kept in full precision (Mamba mixers,
-            routers and lm_head by default); `int8_threshold` is LLM.int8's outlier threshold.
+        load_in_8bit: 8-bit weights for the linear layers and experts, quantized as they stream in. On CUDA
+            our layers (weight-only, one scale per output row, the decode step a CUDA graph): float8 (e4m3)
+            on GPUs that have it (compute capability 8.9+: Ada, Hopper), int8 elsewhere; on the CPU
+            bitsandbytes' LLM.int8. `int8_skip` names the modules kept in full precision (Mamba mixers,
+            routers and lm_head by default).
+        quant: "int8" or "fp8": our 8-bit layers in that format, wherever the model runs (implies
+            `load_in_8bit`).
+        int8_backend: "auto" (as above), "ours" or "bitsandbytes" (LLM.int8 everywhere; `int8_threshold` is
+            its outlier threshold).
+        load_in_4bit: bitsandbytes' nf4 weights, with the same skip list.
         progress: called with (bytes loaded, total bytes) as the weights stream in.
         kernels: the kernel choices the model runs with (`kernels.KernelOptions`, or "auto"/"torch" for
             its backend); default: the active ones (`kernels.using`).
@@ -360,7 +376,7 @@ def load(path_or_repo: str | os.PathLike | None = None, *, dtype: torch.dtype | 
         if dtype.lower() not in DTYPE_NAMES:
             raise UsageError(f"unknown `dtype` {dtype!r}; use bf16, fp16 or fp32")
         dtype = DTYPE_NAMES[dtype.lower()]
-    quantization = quant_config(load_in_8bit, load_in_4bit, int8_skip, int8_threshold)
+    quantization = quant_config(load_in_8bit, load_in_4bit, int8_skip, int8_threshold, quant, int8_backend)
     directory = bundled_model_dir() if path_or_repo is None else resolve(path_or_repo, revision)
     if directory is None:
         raise CheckpointError("this build of jamba-cli ships no model: give a checkpoint directory or repo id")

@@ -42,8 +42,9 @@ class Placer:
     quantized weight, a full-precision staging buffer on its device that is quantized once it is filled."""
 
     def __init__(self, model: JambaForCausalLM, where: dict[str, str], dtype: torch.dtype,
-                 quantized: set[str], offload_folder: str | os.PathLike | None):
+                 quantized: set[str], offload_folder: str | os.PathLike | None, own_dtype: set[str] = frozenset()):
         self.model, self.where, self.dtype, self.quantized = model, where, dtype, quantized
+        self.own_dtype = own_dtype  # parameters allocated in their own dtype (8-bit weights, their scales)
         self.offload_dir = None
         if "disk" in where.values():
             try:
@@ -54,7 +55,10 @@ class Placer:
 
     def allocate(self) -> None:
         for name, p in list(self.model.named_parameters()):
-            if name not in self.quantized:
+            if name in self.own_dtype:
+                _set_param(self.model, name, torch.nn.Parameter(
+                    torch.empty(p.shape, dtype=p.dtype, device=self.where[name]), requires_grad=False))
+            elif name not in self.quantized:
                 device = self.where[name]
                 t = self._mapped(name, p.shape) if device == "disk" else \
                     torch.empty(p.shape, dtype=self.dtype, device=device)
@@ -69,8 +73,10 @@ class Placer:
         if name not in self.quantized:
             return self.params[name].data[index]
         if name not in self.staged:
-            shape = self.params[name].shape
-            self.staged[name] = [torch.empty(shape, dtype=self.dtype, device=self.where[name]), shape.numel()]
+            # one expert of stacked 8-bit experts is staged alone: `...experts.gate_up_proj.3`
+            shape = self.params[name].shape if name in self.params else self.params[name.rpartition(".")[0]].shape[1:]
+            device = self.where[name] if name in self.where else self.where[name.rpartition(".")[0]]
+            self.staged[name] = [torch.empty(shape, dtype=self.dtype, device=device), shape.numel()]
         return self.staged[name][0][index]
 
     def written(self, name: str, index: tuple, numel: int) -> None:
@@ -79,7 +85,7 @@ class Placer:
         if name in self.staged:
             self.staged[name][1] -= numel
             if self.staged[name][1] == 0:
-                quant.quantize(self.model.get_submodule(name.rpartition(".")[0]), self.staged.pop(name)[0])
+                quant.quantize(self.model, name, self.staged.pop(name)[0])
 
     def finish(self) -> JambaForCausalLM:
         self.close()
@@ -92,12 +98,13 @@ class Placer:
             offload.remove(self.offload_dir)
 
     def _locate(self, name: str, index: tuple) -> tuple[str, tuple]:
-        # expert e of a stacked parameter is its own linear once quantized (quant.QuantExperts)
+        # expert e of a stacked parameter is staged alone: its own linear with bitsandbytes (quant.QuantExperts),
+        # one slice of the stacked 8-bit weight with ours (quant8.Experts8)
         base, _, kind = name.rpartition(".")
         if kind in ("gate_up_proj", "down_proj") and index:
-            linear = f"{base}.{kind.removesuffix('_proj')}.{index[0]}.weight"
-            if linear in self.quantized:
-                return linear, index[1:]
+            for staged in (f"{base}.{kind.removesuffix('_proj')}.{index[0]}.weight", f"{name}.{index[0]}"):
+                if staged in self.quantized:
+                    return staged, index[1:]
         return name, index
 
     def _mapped(self, name: str, shape: torch.Size) -> torch.Tensor:
@@ -137,21 +144,23 @@ def place(model: JambaForCausalLM, *, dtype: torch.dtype | None = None, device=N
         device_map = devices.automatic(model, device_map, budget, dtype, special)
     else:
         device_map = devices.explicit(model, device_map, "`device`" if device is not None else "`device_map`")
-        first = next((d for d in device_map.values() if d not in ("cpu", "disk")), "cpu")
-        dtype = dtype or default_dtype(model.config, torch.device(first))
+    first = torch.device(next((d for d in device_map.values() if d not in ("cpu", "disk")), "cpu"))
+    dtype = dtype or default_dtype(model.config, first)
+    if quant_config:
+        quant_config = quant_config.resolved(first)
     where = devices.assign(model, device_map)
     if budget or automatic or "disk" in where.values():  # (a plain device needs no accelerate import)
         from accelerate.utils import dtype_byte_size
 
         sizes = {name: p.numel() * dtype_byte_size(special.get(name, dtype)) for name, p in model.named_parameters()}
         devices.check_budget(sizes, where, budget, offload_folder, automatic)
-    quantized = set()
+    quantized, own_dtype = set(), set()
     if targets:
         names = [m for m, ws in targets.items() if where[ws[0]] != "disk"]  # offloaded weights stay full precision
         with _no_init():
-            quantized = quant.swap(model, names, quant_config, compute_dtype=dtype)
+            quantized, own_dtype = quant.swap(model, names, quant_config, compute_dtype=dtype)
         where = devices.assign(model, device_map)
-    return Placer(model, where, dtype, quantized, offload_folder)
+    return Placer(model, where, dtype, quantized, offload_folder, own_dtype)
 
 
 @contextlib.contextmanager

@@ -1,8 +1,10 @@
-"""8-bit (LLM.int8) and 4-bit (nf4) weights through bitsandbytes, applied while the checkpoint streams in.
+"""Quantized loading, applied while the checkpoint streams in: 8-bit through our own layers (quant8.py:
+int8 or float8 weights with row scales, the fast path on CUDA) or bitsandbytes' LLM.int8, and 4-bit (nf4)
+through bitsandbytes.
 
 The loader builds the model on the meta device, asks `targets` which modules to quantize, swaps them for
-bitsandbytes modules with `swap` (still on meta) and hands each weight to `quantize` as soon as all of
-its bytes are in, so the full-precision model never exists at once.
+quantized modules with `swap` (still on meta) and hands each weight to `quantize` as soon as all of its
+bytes are in, so the full-precision model never exists at once.
 
 Kept in full precision by default (`DEFAULT_SKIP`): every Mamba mixer, the MoE routers and lm_head.
 Always kept: the mixer's `in_proj` and `dt_proj` (its forward multiplies by their weights directly) and a
@@ -24,21 +26,72 @@ from .defaults import INT8_SKIP as DEFAULT_SKIP
 from .defaults import INT8_THRESHOLD
 from .errors import DependencyError, UsageError
 from .model import Experts, JambaForCausalLM, Linear
+from . import quant8
 
+BACKENDS = ("auto", "ours", "bitsandbytes")  # 8-bit: auto = ours on CUDA, bitsandbytes elsewhere
 DIRECT_WEIGHTS = ("mamba.in_proj", "mamba.dt_proj")  # read as tensors by MambaMixer, so never swapped
 
 
 @dataclass(frozen=True)
 class QuantConfig:
-    bits: int  # 8: LLM.int8 with outlier columns in 16-bit; 4: nf4 with double-quantized block scales
+    """What to quantize and how.
+
+    bits: 8 or 4 (nf4 with double-quantized block scales, bitsandbytes).
+    backend: 8-bit only: "ours" (quant8.py: weight-only int8 or float8 with row scales), "bitsandbytes"
+        (LLM.int8: outlier activation columns in 16-bit) or "auto" (`resolved` picks: ours on CUDA, where
+        our kernels run, bitsandbytes elsewhere, where its CPU backend is the faster).
+    format: ours only: "int8", "fp8" or None (`resolved` picks: fp8 where the GPU has it, else int8).
+    skip: the modules kept in 16-bit (see `skipped`).
+    threshold: LLM.int8 only: activation columns with any |x| above this stay in 16-bit.
+    """
+
+    bits: int
     skip: tuple[str, ...] = DEFAULT_SKIP
-    threshold: float = INT8_THRESHOLD  # int8 only: activation columns with any |x| above this stay in 16-bit
+    threshold: float = INT8_THRESHOLD
+    backend: str = "auto"
+    format: str | None = None
 
     def __post_init__(self):
         if self.bits not in (4, 8):
             raise UsageError(f"quantization is 8 or 4 bits, not {self.bits}")
         if not self.threshold >= 0:
             raise UsageError(f"`int8_threshold` must be >= 0, got {self.threshold}")
+        if self.backend not in BACKENDS:
+            raise UsageError(f"`int8_backend` must be one of {', '.join(BACKENDS)}, not {self.backend!r}")
+        if self.format not in (None, *quant8.FORMATS):
+            raise UsageError(f"`quant` must be one of {', '.join(quant8.FORMATS)}, not {self.format!r}")
+        if self.bits == 4 and (self.backend == "ours" or self.format):
+            raise UsageError("4-bit loading is bitsandbytes' nf4: `quant` and `int8_backend` are for 8-bit")
+        if self.backend == "bitsandbytes" and self.format:
+            raise UsageError(f"`quant` {self.format} picks our 8-bit layers; it excludes `int8_backend` "
+                             f"bitsandbytes")
+
+    @property
+    def ours(self) -> bool:
+        return self.backend == "ours"
+
+    def resolved(self, device: torch.device) -> QuantConfig:
+        """The backend and format for weights placed first on `device`: "auto" and None made concrete.
+
+        Raises:
+            UsageError: fp8 asked for on a GPU without float8.
+            DependencyError: bitsandbytes is needed and not installed.
+        """
+        from . import kernels
+
+        backend = self.backend
+        if backend == "auto":
+            backend = "ours" if self.bits == 8 and (device.type == "cuda" or self.format) else "bitsandbytes"
+        fmt = self.format
+        if backend == "ours":
+            fp8 = kernels.fp8_supported(device)
+            fmt = fmt or ("fp8" if fp8 else "int8")
+            if fmt == "fp8" and device.type == "cuda" and not fp8:
+                raise UsageError(f"`quant` fp8 needs a GPU with float8 (compute capability 8.9 or newer); "
+                                 f"{torch.cuda.get_device_name(device)} has none: use `quant` int8")
+        else:
+            require_bnb()
+        return QuantConfig(self.bits, self.skip, self.threshold, backend, fmt)
 
 
 def parse_skip(text: str) -> tuple[str, ...]:
@@ -93,8 +146,13 @@ def weight_dtype(qc: QuantConfig):
     return torch.int8 if qc.bits == 8 else CustomDtype.INT4
 
 
-def swap(model: JambaForCausalLM, names: list[str], qc: QuantConfig, compute_dtype: torch.dtype) -> set[str]:
-    """Replace the named modules of a meta model by bitsandbytes ones; returns the new weights' names."""
+def swap(model: JambaForCausalLM, names: list[str], qc: QuantConfig,
+         compute_dtype: torch.dtype) -> tuple[set[str], set[str]]:
+    """Replace the named modules of a meta model by quantized ones (on meta). Returns (staged, allocated):
+    the full-precision weights the loader stages and hands to `quantize`, and the parameters of the new
+    modules that it allocates itself, in their own dtypes (our 8-bit layers; bitsandbytes creates its own)."""
+    if qc.ours:
+        return quant8.swap(model, names, qc.format)
     bnb = require_bnb()
 
     def linear(n_in: int, n_out: int, bias: bool = False) -> nn.Module:
@@ -115,7 +173,7 @@ def swap(model: JambaForCausalLM, names: list[str], qc: QuantConfig, compute_dty
             new = linear(old.in_features, old.out_features, old.bias is not None)
             weights.add(f"{name}.weight")
         setattr(model.get_submodule(parent), attr, new)
-    return weights
+    return weights, set()
 
 
 class QuantExperts(nn.Module):
@@ -134,8 +192,13 @@ class QuantExperts(nn.Module):
         return self.down[e](self.act(gate) * up)
 
 
-def quantize(module: nn.Module, weight: torch.Tensor) -> None:
-    """Give a swapped module its weight, quantized on the device `weight` is on."""
+def quantize(model: nn.Module, name: str, weight: torch.Tensor) -> None:
+    """Quantize the staged full-precision weight `name` (as `swap` named it) into its module, on the device
+    `weight` is on."""
+    if name.rpartition(".")[2].isdigit() or quant8.is_8bit(model.get_submodule(name.rpartition(".")[0])):
+        quant8.set_staged(model, name, weight)  # (a digit: one expert of our stacked 8-bit experts)
+        return
+    module = model.get_submodule(name.rpartition(".")[0])
     bnb = require_bnb()
     if isinstance(module, bnb.nn.Linear8bitLt):
         cb, scb, _ = bnb.functional.int8_vectorwise_quant(weight.to(torch.float16))  # row-wise absmax
@@ -153,6 +216,23 @@ def is_quantized(model: nn.Module) -> bool:
     """Whether any module of `model` was swapped by `swap` (such a model cannot be captured in a CUDA graph:
     the per-expert loop and LLM.int8's outlier columns depend on the data)."""
     return any(isinstance(m, QuantExperts) or type(m).__module__.startswith("bitsandbytes") for m in model.modules())
+
+
+def bytes_by_dtype(model: nn.Module) -> dict[str, int]:
+    """Bytes of weights per storage type ('bfloat16', 'int8', 'float8_e4m3fn', ...), scales included."""
+    out: dict[str, int] = {}
+    seen = set()
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            name = str(p.dtype).removeprefix("torch.")
+            out[name] = out.get(name, 0) + p.numel() * p.element_size()
+            extra = _scale_bytes(module, p)
+            if extra:
+                out["float32"] = out.get("float32", 0) + extra
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
 def footprint(model: nn.Module) -> dict[str, int]:

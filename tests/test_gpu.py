@@ -301,3 +301,94 @@ def test_model_without_the_compiled_kernels_equals_with_them(bf16):
         return torch.cat(out, 1)
 
     _close(run(OURS), run(COMPILED), 1e-2)
+
+
+# -- our 8-bit layers (quant8.py) on the GPU: the kernels that read them against the dequantized weights --
+
+FP8 = kernels.fp8_supported("cuda") if torch.cuda.is_available() else False
+FORMATS = ["int8", pytest.param("fp8", marks=pytest.mark.skipif(not FP8, reason="needs float8 (sm89+)"))]
+
+
+@pytest.fixture(scope="module")
+def eight_bit(gpu_ckpt):
+    return {fmt: load(gpu_ckpt[0], dtype="bf16", device="cuda", quant=fmt)[0]
+            for fmt in ("int8", "fp8") if fmt == "int8" or FP8}
+
+
+def _dequantized(model):
+    """A bf16 copy of `model` whose 8-bit layers are plain layers holding the dequantized weights."""
+    from jamba_cli.model import Experts, Linear
+    from jamba_cli.quant8 import Experts8, Linear8, dequantize
+
+    plain = copy.deepcopy(model)
+    for name, module in list(plain.named_modules()):
+        parent, _, attr = name.rpartition(".")
+        if isinstance(module, Linear8):
+            new = Linear(module.in_features, module.out_features, bias=False, device="cuda", dtype=torch.bfloat16)
+            new.weight.data = dequantize(module.weight, module.weight_scale, torch.bfloat16)
+        elif isinstance(module, Experts8):
+            new = Experts(plain.config).to(device="cuda", dtype=torch.bfloat16)
+            new.gate_up_proj.data = dequantize(module.gate_up_proj, module.gate_up_scale, torch.bfloat16)
+            new.down_proj.data = dequantize(module.down_proj, module.down_scale, torch.bfloat16)
+        else:
+            continue
+        setattr(plain.get_submodule(parent), attr, new)
+    return plain
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("t", [1, 5, 300])  # the GEMVs (decode, a few tokens), the GEMMs (a prompt)
+def test_8bit_kernels_equal_the_dequantized_weights(eight_bit, fmt, t):
+    model = eight_bit[fmt]
+    plain = _dequantized(model)
+    ids = _ids(2, t, 11)
+    with torch.no_grad():
+        got = model(ids)
+        with kernels.using(TORCH):
+            want = plain(ids)
+    # fp8 prompts also round the activations to e4m3 (per token): a coarser match there
+    _close(got, want, 0.1 if fmt == "fp8" and t > 8 else 3e-2)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_8bit_close_to_bf16(eight_bit, bf16, fmt):
+    ids = _ids(1, 200, 12)
+    with torch.no_grad():
+        got, want = eight_bit[fmt](ids)[0, -1].float(), bf16(ids)[0, -1].float()
+    assert torch.nn.functional.cosine_similarity(got, want, dim=0) > 0.99
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_8bit_graph_decode_equals_eager(eight_bit, fmt):
+    model = eight_bit[fmt]
+    ids = _ids(1, 50, 13)
+    with torch.no_grad():
+        caches = [make_cache(model.config, 1, dtype=torch.bfloat16, device="cuda", capacity=64, static=True)
+                  for _ in range(2)]
+        for cache in caches:
+            model(ids[:, :30], cache)
+        step = CUDAGraphDecoder(model, caches[1])
+        for t in range(30, 50):
+            got = step(ids[:, t])
+            want = model(ids[:, t:t + 1], caches[0])[:, -1]
+            assert torch.equal(got, want), t
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_8bit_chunked_prefill_equals_whole(eight_bit, fmt):
+    model = eight_bit[fmt]
+    ids = _ids(2, 333, 14)
+    with torch.no_grad():
+        whole = model(ids)
+        cache = make_cache(model.config, 2, dtype=torch.bfloat16, device="cuda")
+        parts = torch.cat([model(ids[:, :100], cache), model(ids[:, 100:250], cache), model(ids[:, 250:], cache)], 1)
+    # fp8 scales each token's activations alone, so chunking changes nothing there either
+    _close(parts, whole, 3e-2)
+
+
+def test_8bit_generation_uses_the_graph_and_matches_eager(eight_bit):
+    model = eight_bit["int8"]
+    prompt = _ids(1, 16, 15)[0]
+    with_graph = [int(t) for t in generate_step(model, prompt, max_tokens=24)]
+    without = [int(t) for t in generate_step(model, prompt, max_tokens=24, cuda_graph=False)]
+    assert with_graph == without

@@ -202,7 +202,7 @@ def test_quantized_on_gpu_and_split_with_cpu(fitted_lm, full_precision, bits, sp
     if split:  # the second half runs on the CPU, quantized there by bitsandbytes' CPU backend
         device_map.update({f"model.layers.{i}": "cpu" for i in range(4, 8)})
     model, _ = load(directory, dtype="bf16", device_map=device_map, load_in_8bit=bits == 8,
-                    load_in_4bit=bits == 4)
+                    load_in_4bit=bits == 4, int8_backend="bitsandbytes" if bits == 8 else "auto")
     assert quantized_names(model) == expected_names(model.config)
     assert model.model.layers[2].self_attn.q_proj.weight.device.type == "cuda"
     assert model.model.layers[6].self_attn.q_proj.weight.device.type == ("cpu" if split else "cuda")

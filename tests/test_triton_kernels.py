@@ -58,6 +58,39 @@ def test_gemv(randn, k):
     assert_close(gemv.gemv(x, w, config=(8, 32, 1, 1)), F.linear(x, w))
 
 
+def _8bit(w, fmt="int8"):
+    from jamba_cli.quant8 import quantize_rows
+
+    return quantize_rows(w, fmt)
+
+
+@pytest.mark.parametrize("k", [40, 64])
+def test_gemv_of_int8_weights_scales_in_the_epilogue(randn, k):
+    x = randn(3, k)
+    q, s = _8bit(randn(37, k))
+    assert_close(gemv.gemv(x, q, config=(8, 32, 1, 1), scale=s), R.linear8(x, q, s))
+
+
+def test_swiglu_of_routed_int8_experts(randn):
+    t, h, i, x_, k = 3, 40, 24, 5, 2
+    x, logits = randn(t, h), randn(t, x_)
+    (gate_up, gu_s), (down, d_s) = _8bit(randn(x_, 2 * i, h)), _8bit(randn(x_, h, i))
+    scales = (gu_s[:, :i], gu_s[:, i:], d_s)
+    got = gemv.swiglu_mlp(x, gate_up[:, :i], gate_up[:, i:], down, logits, k,
+                          configs=((16, 16, 1, 1), (16, 32, 1, 1)), scales=scales)
+    want = R.swiglu_mlp(x, gate_up[:, :i].float() * scales[0][..., None], gate_up[:, i:].float() * scales[1][..., None],
+                        down.float() * d_s[..., None], logits, k)
+    assert_close(got, want)
+
+
+def test_swiglu_dense_int8(randn):
+    x = randn(1, 40)
+    (gate, gs), (up, us), (down, ds) = _8bit(randn(24, 40)), _8bit(randn(24, 40)), _8bit(randn(40, 24))
+    got = gemv.swiglu_mlp(x, gate, up, down, configs=((8, 16, 1, 1), (8, 16, 1, 1)), scales=(gs, us, ds))
+    want = R.swiglu_mlp(x, gate.float() * gs[:, None], up.float() * us[:, None], down.float() * ds[:, None])
+    assert_close(got, want)
+
+
 def test_router_logits(randn):
     x, router = randn(3, 32), randn(5, 32)
     assert_close(gemv.router_logits(x, router), R.router_logits(x, router))

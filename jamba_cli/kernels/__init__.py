@@ -10,9 +10,10 @@ each function here picks one from the active `KernelOptions`, the tensors' devic
   training (they have a backward pass);
 - the PyTorch reference (`kernels/reference.py`) everywhere else: CPU, Apple GPUs, `backend="torch"`.
 
-Modules declare which fused kernels may read their weights with a class attribute `weight_format`:
-"dense" means plain tensors in the model dtype (our Linear and Experts). Modules without it (quantized
-ones) only ever run their own forward.
+Modules declare which fused kernels may read their weights with an attribute `weight_format`: "dense"
+means plain tensors in the model dtype (our Linear and Experts); "int8" and "fp8" our 8-bit layers
+(quant8.py), whose weights come with float32 row scales. Modules without it (bitsandbytes ones) only ever
+run their own forward.
 """
 
 from __future__ import annotations
@@ -23,23 +24,23 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from . import compiled, reference
+from . import compiled, reference, scaled
 from .options import KernelOptions, current, using
 from .reference import ACT
 
 __all__ = ["KernelOptions", "current", "using", "available", "ACT", "rms_norm", "add_rms_norm", "act_mul",
            "linear", "mlp", "moe", "grouped_experts", "moe_combine", "attention", "causal_conv1d",
-           "causal_conv1d_update", "selective_scan", "selective_state_update", "mamba_step"]
+           "causal_conv1d_update", "selective_scan", "selective_state_update", "mamba_step", "fp8_supported"]
 
 
 @functools.cache
 def _triton() -> SimpleNamespace | None:
     """Our Triton kernel modules, or None where Triton is missing (or fails to import)."""
     try:
-        from .triton import attention, gemv, mamba, ops, scan
+        from .triton import attention, gemm8, gemv, mamba, ops, scan
     except Exception:
         return None
-    return SimpleNamespace(attention=attention, gemv=gemv, mamba=mamba, ops=ops, scan=scan)
+    return SimpleNamespace(attention=attention, gemm8=gemm8, gemv=gemv, mamba=mamba, ops=ops, scan=scan)
 
 
 def available() -> dict[str, bool]:
@@ -64,6 +65,15 @@ def _ours(x: torch.Tensor) -> SimpleNamespace | None:
 
 def _dense(*modules) -> bool:
     return all(getattr(m, "weight_format", None) == "dense" for m in modules)
+
+
+def _8bit(*modules) -> bool:
+    """Whether all of `modules` are our 8-bit layers of one format."""
+    formats = {getattr(m, "weight_format", None) for m in modules}
+    return len(formats) == 1 and formats <= {"int8", "fp8"}
+
+
+fp8_supported = scaled.supported
 
 
 def _power_of_two(n: int) -> bool:
@@ -92,13 +102,39 @@ def act_mul(act, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------------ linears
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ weight.T (+ bias). One token on a GPU takes our GEMV where it was tuned for the weight's shape."""
+# Up to this many tokens a linear with 8-bit weights is our GEMV (it reads the weight once per token);
+# beyond, a GEMM
+GEMV8_MAX_TOKENS = 8
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           scale: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight.T (+ bias). One token on a GPU takes our GEMV where it was tuned for the weight's shape.
+
+    An 8-bit weight (int8 or float8 e4m3, quant8.py) comes with its row scales `scale` (N,) float32:
+    x @ (weight · scale)ᵀ. On a GPU: our GEMV for a few tokens, a float8 GEMM with per-token activation
+    scales for a prompt where the GPU has float8, else our GEMM that dequantizes tile by tile; on the CPU,
+    the weight dequantized in x's dtype."""
+    if scale is not None:
+        return _linear8(x, weight, scale) if bias is None else _linear8(x, weight, scale) + bias
     if bias is None and x.numel() == x.shape[-1] and current().gemv_linears:
         ops = _ours(x)
         if ops and ops.gemv.has_linear_tile(*weight.shape):
             return ops.gemv.gemv(x, weight)
     return F.linear(x, weight, bias)
+
+
+def _linear8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    k = x.shape[-1]
+    rows = x.reshape(-1, k)
+    ops = _ours(x)
+    if ops is None:
+        return reference.linear8(x, weight, scale)
+    if rows.shape[0] <= GEMV8_MAX_TOKENS:
+        return ops.gemv.gemv(x, weight, scale=scale)
+    if weight.dtype == torch.float8_e4m3fn and scaled.supported(x.device) and scaled.shapes_ok(k, weight.shape[0]):
+        return scaled.linear(rows, weight, scale).view(*x.shape[:-1], -1)
+    return ops.gemm8.linear8(rows, weight, scale).view(*x.shape[:-1], -1)
 
 
 def mlp(x: torch.Tensor, gate_proj, up_proj, down_proj, act) -> torch.Tensor:
@@ -109,6 +145,13 @@ def mlp(x: torch.Tensor, gate_proj, up_proj, down_proj, act) -> torch.Tensor:
         if ops:
             return ops.gemv.swiglu_mlp(x.reshape(1, -1), gate_proj.weight, up_proj.weight,
                                        down_proj.weight).view_as(x)
+    if act is F.silu and x.numel() == x.shape[-1] and _8bit(gate_proj, up_proj, down_proj) \
+            and gate_proj.bias is None and up_proj.bias is None and down_proj.bias is None:
+        ops = _ours(x)
+        if ops:
+            scales = (gate_proj.weight_scale, up_proj.weight_scale, down_proj.weight_scale)
+            return ops.gemv.swiglu_mlp(x.reshape(1, -1), gate_proj.weight, up_proj.weight, down_proj.weight,
+                                       scales=scales).view_as(x)
     return down_proj(act_mul(act, gate_proj(x), up_proj(x)))
 
 
@@ -122,8 +165,11 @@ def moe(x: torch.Tensor, router, experts, top_k: int) -> torch.Tensor:
 
     The router's logits go through a softmax over all X experts in fp32; each token's top_k probabilities
     weight the outputs of its top_k experts (not renormalised: Jamba is not Mixtral). `experts` is a module
-    with `expert(e, x)`, and stacked `gate_up_proj` (X, 2I, H), `down_proj` (X, H, I) when dense.
+    with `expert(e, x)`, and stacked `gate_up_proj` (X, 2I, H), `down_proj` (X, H, I) when dense or 8-bit
+    (quant8.Experts8, with their row scales).
     """
+    if _8bit(experts) and _dense(router) and experts.act is F.silu and router.bias is None and _ours(x):
+        return _moe8(x, router, experts, top_k)
     fused = _dense(router, experts) and experts.act is F.silu and router.bias is None
     if fused and x.shape[0] <= MOE_GEMV_MAX_TOKENS:
         ops = _ours(x)
@@ -139,10 +185,30 @@ def moe(x: torch.Tensor, router, experts, top_k: int) -> torch.Tensor:
     return reference.experts_loop(x, idx, w, experts.expert)
 
 
+def _moe8(x: torch.Tensor, router, experts, top_k: int) -> torch.Tensor:
+    """`moe` on a GPU with 8-bit experts: the routed GEMVs for a few tokens, grouped GEMMs for a prompt
+    (float8 where the GPU has it, else ours dequantizing tile by tile)."""
+    ops = _ours(x)
+    i = experts.down_proj.shape[-1]
+    if x.shape[0] <= MOE_GEMV_MAX_TOKENS:
+        return ops.gemv.swiglu_mlp(x, experts.gate_up_proj[:, :i], experts.gate_up_proj[:, i:], experts.down_proj,
+                                   ops.gemv.router_logits(x, router.weight), top_k, scales=experts.scales())
+    probs = F.softmax(router(x), dim=-1, dtype=torch.float32)  # (T, X)
+    w, idx = torch.topk(probs, top_k, dim=-1)
+    if experts.weight_format == "fp8" and scaled.supported(x.device) \
+            and scaled.shapes_ok(x.shape[-1], i) and scaled.shapes_ok(i, x.shape[-1]):
+        mm = scaled.grouped_linear
+    else:
+        mm = ops.gemm8.grouped_linear8
+    return grouped_experts(x, idx, w.to(x.dtype), experts.gate_up_proj, experts.down_proj,
+                           mm=mm, scales=(experts.gate_up_scale, experts.down_scale))
+
+
 def grouped_experts(x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, gate_up: torch.Tensor,
-                    down: torch.Tensor) -> torch.Tensor:
+                    down: torch.Tensor, mm=None, scales=None) -> torch.Tensor:
     """SwiGLU experts over the (token, slot) pairs sorted by expert, in two grouped GEMMs (bf16):
-    x (T, H), idx/w (T, k), gate_up (X, 2I, H), down (X, H, I) -> (T, H)."""
+    x (T, H), idx/w (T, k), gate_up (X, 2I, H), down (X, H, I) -> (T, H). 8-bit weights come with the
+    grouped product `mm(rows, weight, scale, offs)` and their row `scales` (gate_up (X, 2I), down (X, H))."""
     t, k = idx.shape
     flat = idx.flatten()  # (T·k,)
     order = flat.argsort(stable=True)
@@ -150,8 +216,12 @@ def grouped_experts(x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, gate_up
     counts.scatter_add_(0, flat, torch.ones_like(flat))
     offs = counts.cumsum(0).to(torch.int32)  # end row of each expert's group
     rows = x.index_select(0, order // k)  # (T·k, H)
-    gate, up = torch._grouped_mm(rows, gate_up.transpose(1, 2), offs=offs).chunk(2, dim=-1)
-    y = torch._grouped_mm(act_mul(F.silu, gate, up), down.transpose(1, 2), offs=offs)
+    if mm is None:
+        gate, up = torch._grouped_mm(rows, gate_up.transpose(1, 2), offs=offs).chunk(2, dim=-1)
+        y = torch._grouped_mm(act_mul(F.silu, gate, up), down.transpose(1, 2), offs=offs)
+    else:
+        gate, up = mm(rows, gate_up, scales[0], offs).chunk(2, dim=-1)
+        y = mm(act_mul(F.silu, gate, up), down, scales[1], offs)
     return moe_combine(y, order, w)
 
 

@@ -49,6 +49,12 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 # -------------------------------------------------------------------------------------- feed-forward, MoE
 
+def linear8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x @ (weight · scale)ᵀ for an 8-bit weight (N, K) with row scales (N,): the weight is widened to x's
+    dtype (int8 and e4m3 values are exact in bf16 and fp16) and the scale applied to the fp32 result."""
+    return (F.linear(x, weight.to(x.dtype)).float() * scale).to(x.dtype)
+
+
 def router_logits(x: torch.Tensor, router: torch.Tensor) -> torch.Tensor:
     """Router logits of tokens x (T, H) for router (X, H) -> (T, X) float32 holding x's-dtype values."""
     return F.linear(x, router).float()

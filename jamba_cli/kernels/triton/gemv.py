@@ -29,15 +29,23 @@ DENSE_TILES = ((8, 512, 4, 3), (8, 1024, 4, 3))
 MOE_TILES = ((8, 1024, 4, 3), (16, 1024, 4, 3))
 
 
+def tiles8(tile: tuple) -> tuple:
+    """The tile for 8-bit weights from a 16-bit one: twice the columns, so that each load moves the same
+    bytes, and twice the warps, so that the fp32 accumulator keeps the same registers per thread."""
+    bn, bk, warps, stages = tile
+    return bn, 2 * bk, 2 * warps, stages
+
+
 def has_linear_tile(n: int, k: int) -> bool:
     """Whether a one-token linear with an (N, K) weight should take our GEMV (tuned for that shape)."""
     return current().tile("linear", None, (n, k)) is not None or (n, k) in LINEAR_TILES
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, out_ptr, N, K, stride_xt, stride_wn,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, USE_PDL: tl.constexpr):
-    # out[t, rows] = W[rows] · x[t] for BLOCK_N rows of W (N, K)
+def _gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, N, K, stride_xt, stride_wn,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, SCALED: tl.constexpr,
+                 USE_PDL: tl.constexpr):
+    # out[t, rows] = W[rows] · x[t] for BLOCK_N rows of W (N, K); an 8-bit W times its row scales s
     t = tl.program_id(0)
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
@@ -56,22 +64,31 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, N, K, stride_xt, stride_wn,
             xk = tl.load(x + cols, mask=cols < K, other=0.0).to(tl.float32)
             wk = tl.load(w + cols[None, :], mask=row_ok[:, None] & (cols[None, :] < K), other=0.0)
         acc += wk.to(tl.float32) * xk[None, :]
-    tl.store(out_ptr + t * N + rows, tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty), mask=row_ok)
+    y = tl.sum(acc, axis=1)
+    if SCALED:
+        y = y * tl.load(s_ptr + rows, mask=row_ok, other=0.0)
+    tl.store(out_ptr + t * N + rows, y.to(out_ptr.dtype.element_ty), mask=row_ok)
 
 
-def gemv(x: torch.Tensor, weight: torch.Tensor, config=None) -> torch.Tensor:
-    """x @ weight.T for a few rows of x (..., K), weight (N, K): F.linear without bias."""
+def gemv(x: torch.Tensor, weight: torch.Tensor, config=None, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight.T for a few rows of x (..., K), weight (N, K): F.linear without bias. An 8-bit weight
+    comes with its row scales `scale` (N,) float32: (x @ weight.T) · scale."""
     k = x.shape[-1]
     n = weight.shape[0]
     rows = x.reshape(-1, k)
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
     out = torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)
-    bn, bk, warps, stages = config or current().tile("linear", LINEAR_TILES.get((n, k), (8, 512, 4, 3)), (n, k))
+    if scale is None:
+        tile = current().tile("linear", LINEAR_TILES.get((n, k), (8, 512, 4, 3)), (n, k))
+    else:
+        tile = current().tile("linear8", tiles8(LINEAR_TILES.get((n, k), (8, 512, 4, 3))), (n, k))
+    bn, bk, warps, stages = config or tile
     use_pdl = pdl()
     _gemv_kernel[(rows.shape[0], triton.cdiv(n, bn))](
-        rows, weight, out, n, k, rows.stride(0), weight.stride(0), BLOCK_N=bn, BLOCK_K=bk, EVEN_K=k % bk == 0,
-        USE_PDL=use_pdl, num_warps=warps, num_stages=stages, launch_pdl=use_pdl)
+        rows, weight, scale if scale is not None else weight, out, n, k, rows.stride(0), weight.stride(0),
+        BLOCK_N=bn, BLOCK_K=bk, EVEN_K=k % bk == 0, SCALED=scale is not None, USE_PDL=use_pdl,
+        num_warps=warps, num_stages=stages, launch_pdl=use_pdl)
     return out
 
 
@@ -119,9 +136,10 @@ def _pick(logits_ptr, token, X, j_want, TOP_K: tl.constexpr, BLOCK_X: tl.constex
 
 
 @triton.jit
-def _swiglu_kernel(x_ptr, g_ptr, u_ptr, logits_ptr, out_ptr, H, I, X, stride_we, stride_wn,
-                   TOP_K: tl.constexpr, ROUTED: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, USE_PDL: tl.constexpr):
+def _swiglu_kernel(x_ptr, g_ptr, u_ptr, gs_ptr, us_ptr, logits_ptr, out_ptr, H, I, X, stride_we, stride_wn,
+                   stride_se, TOP_K: tl.constexpr, ROUTED: tl.constexpr, BLOCK_X: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, SCALED: tl.constexpr,
+                   USE_PDL: tl.constexpr):
     # one (token, slot) pair and BLOCK_N rows of its expert's gate and up projections -> silu(gate) * up
     pair = tl.program_id(0)
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -148,16 +166,21 @@ def _swiglu_kernel(x_ptr, g_ptr, u_ptr, logits_ptr, out_ptr, H, I, X, stride_we,
         gate += tl.load(g_ptr + offs + cols[None, :], mask=ok, other=0.0).to(tl.float32) * xk
         up += tl.load(u_ptr + offs + cols[None, :], mask=ok, other=0.0).to(tl.float32) * xk
     dt = out_ptr.dtype.element_ty
-    g = tl.sum(gate, axis=1).to(dt).to(tl.float32)
+    g = tl.sum(gate, axis=1)
+    u = tl.sum(up, axis=1)
+    if SCALED:  # 8-bit weights: each output row times its scale, before anything is rounded
+        g = g * tl.load(gs_ptr + expert * stride_se + rows, mask=rows < I, other=0.0)
+        u = u * tl.load(us_ptr + expert * stride_se + rows, mask=rows < I, other=0.0)
+    g = g.to(dt).to(tl.float32)
     act = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)  # silu in the model dtype
-    out = act * tl.sum(up, axis=1).to(dt).to(tl.float32)
+    out = act * u.to(dt).to(tl.float32)
     tl.store(out_ptr + pair * I + rows, out.to(dt), mask=rows < I)
 
 
 @triton.jit
-def _down_kernel(h_ptr, w_ptr, logits_ptr, out_ptr, H, I, X, stride_we, stride_wn,
+def _down_kernel(h_ptr, w_ptr, s_ptr, logits_ptr, out_ptr, H, I, X, stride_we, stride_wn, stride_se,
                  TOP_K: tl.constexpr, ROUTED: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, USE_PDL: tl.constexpr):
+                 BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, SCALED: tl.constexpr, USE_PDL: tl.constexpr):
     # one token and BLOCK_N output features, summed over its TOP_K experts (no atomics: deterministic)
     token = tl.program_id(0)
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -188,7 +211,10 @@ def _down_kernel(h_ptr, w_ptr, logits_ptr, out_ptr, H, I, X, stride_we, stride_w
             ok = row_ok if EVEN_K else row_ok & (cols[None, :] < I)
             hk = tl.load(h_ptr + pair * I + cols, mask=cols < I, other=0.0).to(tl.float32)[None, :]
             acc += tl.load(w + cols[None, :], mask=ok, other=0.0).to(tl.float32) * hk
-        y = tl.sum(acc, axis=1).to(dt).to(tl.float32)
+        y = tl.sum(acc, axis=1)
+        if SCALED:
+            y = y * tl.load(s_ptr + expert * stride_se + rows, mask=rows < H, other=0.0)
+        y = y.to(dt).to(tl.float32)
         if ROUTED:  # weighted in the model dtype, as the expert outputs are
             y = (y * prob.to(dt).to(tl.float32)).to(dt).to(tl.float32)
         total += y
@@ -196,13 +222,17 @@ def _down_kernel(h_ptr, w_ptr, logits_ptr, out_ptr, H, I, X, stride_we, stride_w
 
 
 def swiglu_mlp(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
-               logits: torch.Tensor | None = None, top_k: int = 1, configs=None) -> torch.Tensor:
+               logits: torch.Tensor | None = None, top_k: int = 1, configs=None,
+               scales: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """down(silu(gate(x)) * up(x)) for a few tokens x (T, H), in two kernels.
 
     Dense: gate, up (I, H), down (H, I). Experts: gate, up (X, I, H) (views of the stacked gate_up), down
     (X, H, I), and `logits` (T, X) from `router_logits`: each kernel takes softmax and top-k itself and
     reads the chosen experts' rows in place (no gathered copy), so a step costs the bytes of k experts per
     token; the k outputs are weighted by their probabilities and summed.
+
+    8-bit weights come with their row scales `scales` (gate, up, down): (I,), (I,), (H,) dense, (X, I),
+    (X, I), (X, H) for experts (views with unit stride along the rows).
     """
     t, h = x.shape
     i = down.shape[-1]
@@ -211,18 +241,26 @@ def swiglu_mlp(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torc
     n_exp = gate.shape[0] if routed else 1
     x = x.contiguous()
     logits = logits.contiguous() if routed else x  # an unused pointer when dense
-    (bn, bk, warps, stages), (dbn, dbk, dwarps, dstages) = configs or (
-        current().tile("moe", MOE_TILES) if routed else current().tile("dense", DENSE_TILES))
+    if scales is None:
+        tiles = current().tile("moe", MOE_TILES) if routed else current().tile("dense", DENSE_TILES)
+    else:
+        tiles = current().tile("moe8", tuple(map(tiles8, MOE_TILES))) if routed else \
+            current().tile("dense8", tuple(map(tiles8, DENSE_TILES)))
+    (bn, bk, warps, stages), (dbn, dbk, dwarps, dstages) = configs or tiles
+    gs, us, ds = scales if scales is not None else (x, x, x)  # unused pointers when 16-bit
+    scaled = scales is not None
+    stride_se = gs.stride(0) if scaled and routed else 0
     use_pdl = pdl()
     block_x = max(16, triton.next_power_of_2(n_exp))
     act = torch.empty(t * k, i, dtype=x.dtype, device=x.device)
     _swiglu_kernel[(t * k, triton.cdiv(i, bn))](
-        x, gate, up, logits, act, h, i, n_exp, gate.stride(0) if routed else 0, gate.stride(-2),
-        TOP_K=k, ROUTED=routed, BLOCK_X=block_x, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=h % bk == 0,
+        x, gate, up, gs, us, logits, act, h, i, n_exp, gate.stride(0) if routed else 0, gate.stride(-2), stride_se,
+        TOP_K=k, ROUTED=routed, BLOCK_X=block_x, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=h % bk == 0, SCALED=scaled,
         USE_PDL=use_pdl, num_warps=warps, num_stages=stages, launch_pdl=use_pdl)
     out = torch.empty(t, h, dtype=x.dtype, device=x.device)
     _down_kernel[(t, triton.cdiv(h, dbn))](
-        act, down, logits, out, h, i, n_exp, down.stride(0) if routed else 0, down.stride(-2),
-        TOP_K=k, ROUTED=routed, BLOCK_X=block_x, BLOCK_N=dbn, BLOCK_K=dbk, EVEN_K=i % dbk == 0,
+        act, down, ds, logits, out, h, i, n_exp, down.stride(0) if routed else 0, down.stride(-2),
+        ds.stride(0) if scaled and routed else 0,
+        TOP_K=k, ROUTED=routed, BLOCK_X=block_x, BLOCK_N=dbn, BLOCK_K=dbk, EVEN_K=i % dbk == 0, SCALED=scaled,
         USE_PDL=use_pdl, num_warps=dwarps, num_stages=dstages, launch_pdl=use_pdl)
     return out
