@@ -81,3 +81,84 @@ class Terminal:
         self.proc.wait(timeout=60)
         os.close(self.master)
         return self.proc.returncode
+
+
+def write_compressed_fp8(src_dir, dst_dir, *, strategy="channel", ignore=("lm_head", "re:.*mamba.*", "re:.*router.*"),
+                         scale_dtype=None, input_scale=None, save_ignore_as_given=False) -> Path:
+    """Write the compressed-tensors FP8 version of the checkpoint in `src_dir` (as transformers' save_pretrained
+    writes one) to `dst_dir`, as llm-compressor saves `QuantizationModifier(targets="Linear", ignore=ignore)`:
+    each targeted Linear weight not matched by `ignore` (exact names, or "re:" patterns that re.match the module
+    name) becomes float8_e4m3fn with absmax scales `M.weight_scale` -- (N, 1) for "channel", (1,) for
+    "tensor" -- in `scale_dtype` (default: the weight's own dtype, as llm-compressor does); `input_scale` (a
+    float) adds static per-tensor activations and an `M.input_scale` of that value. The saved `ignore` lists
+    every Linear left unquantized by its exact name, as llm-compressor's QuantizationConfig.from_pretrained
+    does (the recipe's patterns instead with `save_ignore_as_given`). Shards, the index and the tokenizer
+    files are kept. Independent of jamba_cli.compressed_tensors, which it serves to test."""
+    import json
+    import re
+    import shutil
+
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    linear = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "router", "in_proj",
+              "x_proj", "dt_proj", "out_proj", "lm_head"}
+    src, dst = Path(src_dir), Path(dst_dir)
+    dst.mkdir(parents=True, exist_ok=True)
+
+    def ignored(module):
+        return any(re.match(e[3:], module) if e.startswith("re:") else e == module for e in ignore)
+
+    index = json.loads((src / "model.safetensors.index.json").read_text()) \
+        if (src / "model.safetensors.index.json").exists() else None
+    skipped, added = [], {}
+    for shard in sorted(src.glob("*.safetensors")):
+        out = {}
+        with safe_open(shard, framework="pt") as f:
+            metadata = f.metadata()
+            for key in f.keys():
+                tensor = f.get_tensor(key)
+                module, _, param = key.rpartition(".")
+                if param != "weight" or module.rpartition(".")[2] not in linear:
+                    out[key] = tensor
+                    continue
+                if ignored(module):
+                    skipped.append(module)
+                    out[key] = tensor
+                    continue
+                w = tensor.to(torch.float32)
+                absmax = w.abs().amax(dim=1, keepdim=True) if strategy == "channel" else w.abs().amax().reshape(1)
+                scale = (absmax / 448.0).clamp_min(1e-12).to(scale_dtype or tensor.dtype)
+                rows = scale.to(torch.float32) if strategy == "channel" else scale.to(torch.float32).reshape(1, 1)
+                out[key] = (w / rows).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
+                out[f"{module}.weight_scale"] = scale
+                if input_scale is not None:
+                    out[f"{module}.input_scale"] = torch.tensor([input_scale], dtype=scale.dtype)
+                added.update({k: shard.name for k in out if k.startswith(f"{module}.") and k != key})
+        save_file(out, dst / shard.name, metadata=metadata)
+    if index is not None:
+        index["weight_map"].update(added)
+        (dst / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    for extra in src.iterdir():
+        if extra.is_file() and extra.suffix != ".safetensors" and extra.name not in (
+                "config.json", "model.safetensors.index.json"):
+            shutil.copy(extra, dst / extra.name)
+
+    def args(kind_strategy, dynamic, observer):
+        return {"actorder": None, "block_structure": None, "dynamic": dynamic, "group_size": None, "num_bits": 8,
+                "observer": observer, "observer_kwargs": {}, "scale_dtype": None, "strategy": kind_strategy,
+                "symmetric": True, "type": "float", "zp_dtype": None}
+
+    activations = args("token", True, None) if input_scale is None else args("tensor", False, "static_minmax")
+    config = json.loads((src / "config.json").read_text())
+    config["quantization_config"] = {
+        "config_groups": {"group_0": {"format": "float-quantized", "input_activations": activations,
+                                      "output_activations": None, "targets": ["Linear"],
+                                      "weights": args(strategy, False, "minmax")}},
+        "format": "float-quantized", "global_compression_ratio": None,
+        "ignore": list(ignore) if save_ignore_as_given else skipped, "kv_cache_scheme": None,
+        "quant_method": "compressed-tensors", "quantization_status": "compressed", "sparsity_config": {},
+        "transform_config": {}, "version": "0.12.2"}
+    (dst / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    return dst
