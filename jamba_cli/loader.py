@@ -14,9 +14,11 @@ the final footprint plus one tensor.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import math
 import os
 import re
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,12 +119,31 @@ class Step:
     name: str  # the parameter, named as in the unquantized model
     entry: TensorEntry
     index: tuple = ()  # where in the parameter the tensor goes: (expert, rows) for a stacked one
+    scale: TensorEntry | None = None  # a float8 weight's `weight_scale` (an FP8 checkpoint)
 
 
-def plan(model: JambaForCausalLM, entries: dict[str, TensorEntry]) -> list[Step]:
+_SCALES = (".weight_scale", ".input_scale")
+
+
+def plan(model: JambaForCausalLM, entries: dict[str, TensorEntry], scheme=None) -> list[Step]:
     """Map each checkpoint tensor to the part of a parameter it fills; raises on any missing, unexpected,
     misshapen, non-float or twice-given tensor. Experts stacked on disk are split into one step per expert,
-    like per-expert keys."""
+    like per-expert keys. With an FP8 checkpoint's `scheme` (compressed_tensors.FP8Scheme), the weights it
+    quantizes come in float8 with a `weight_scale`, which their step carries."""
+    scales: dict[str, TensorEntry] = {}
+    if scheme is not None:
+        for key in sorted(k for k in entries if k.endswith(_SCALES)):
+            module = key.rsplit(".", 1)[0]
+            if not scheme.quantized(module):
+                continue  # an unexpected tensor, reported below
+            if key.endswith(".weight_scale"):
+                weight = entries.get(f"{module}.weight")
+                if weight is None:
+                    raise CheckpointError(f"missing tensor {module}.weight (its weight_scale is in "
+                                          f"{entries[key].file.name})")
+                scheme.check(module, weight, entries[key], entries.get(f"{module}.input_scale"))
+                scales[f"{module}.weight"] = entries[key]
+        entries = {k: e for k, e in entries.items() if not (k.endswith(_SCALES) and scheme.quantized(k.rsplit(".", 1)[0]))}
     shapes = {name: tuple(p.shape) for name, p in model.named_parameters(remove_duplicate=False)}
     tied = model.config.tie_word_embeddings
     covered: dict[str, set] = {}
@@ -141,7 +162,14 @@ def plan(model: JambaForCausalLM, entries: dict[str, TensorEntry]) -> list[Step]
             raise CheckpointError(f"unexpected tensor {checkpoint_files.shown(key)} in {entry.file.name}")
         if not entry.dtype.is_floating_point:
             raise CheckpointError(f"{key} in {entry.file.name} has dtype {_DTYPE_NAMES[entry.dtype]}; "
-                                  f"weights are floating point (BF16, F16, F32)")
+                                  f"weights are floating point (BF16, F16, F32, or F8_E4M3 with a weight_scale)")
+        if scheme is not None and key.endswith(".weight") and scheme.quantized(key[:-7]) and key not in scales:
+            raise CheckpointError(f"missing tensor {key[:-7]}.weight_scale (config.json's quantization_config "
+                                  f"makes {checkpoint_files.shown(key)} float8)")
+        if entry.dtype.itemsize == 1 and key not in scales:
+            why = "config.json has no quantization_config to say how it is scaled" if scheme is None else \
+                "config.json's quantization_config does not quantize it"
+            raise CheckpointError(f"{key} in {entry.file.name} has dtype {_DTYPE_NAMES[entry.dtype]}, but {why}")
         if key == "lm_head.weight" and tied:
             # a tied head is the embedding; a saved copy of it is redundant, but must be one
             _check_shape(key, entry, shapes["model.embed_tokens.weight"])
@@ -160,7 +188,7 @@ def plan(model: JambaForCausalLM, entries: dict[str, TensorEntry]) -> list[Step]
                 want, index = (half, cols), (e, slice(part * half, (part + 1) * half))
             _check_shape(key, entry, want)
             cover(name, key, entry, {(e, part)})
-            out.append(Step(name, entry, index))
+            out.append(Step(name, entry, index, scales.get(key)))
             continue
         _check_shape(key, entry, shapes[key])
         if key.endswith(("experts.gate_up_proj", "experts.down_proj")):
@@ -172,7 +200,7 @@ def plan(model: JambaForCausalLM, entries: dict[str, TensorEntry]) -> list[Step]
                                 (e,)))
         else:
             cover(key, key, entry, {None})
-            out.append(Step(key, entry))
+            out.append(Step(key, entry, (), scales.get(key)))
     for name, shape in shapes.items():
         if tied and name == "lm_head.weight":
             continue
@@ -255,19 +283,68 @@ def check_sizes(config: JambaConfig, entries: dict[str, TensorEntry], source: st
                           f"{held:,}")
 
 
+def fp8_scheme(config_path: Path):
+    """The compressed-tensors FP8 scheme of config.json (compressed_tensors.FP8Scheme), or None when it
+    has no quantization_config; that module is imported only then."""
+    raw = checkpoint_files.read_json(config_path, ConfigError)
+    if "quantization_config" not in raw:
+        return None
+    from . import compressed_tensors
+
+    return compressed_tensors.scheme_from_config(raw, str(config_path))
+
+
+def checkpoint_quantization(model: JambaForCausalLM, scheme,
+                            asked: _quant.QuantConfig | None) -> _quant.QuantConfig | None:
+    """What an FP8 checkpoint's modules become. With no quantization asked for: our 8-bit layers for the
+    modules it holds in float8 (float8 where the GPU has it, else int8; widened on the CPU, with a note).
+    With our 8-bit layers asked for: those same modules, in the format asked. Otherwise (bitsandbytes) the
+    float8 weights are widened as they load and quantized as asked."""
+    only = set()
+    for name, module in model.named_modules():
+        names = [f"{name}.{e}.{p}" for e in range(module.gate_up_proj.shape[0])
+                 for p in ("gate_proj", "up_proj", "down_proj")] if hasattr(module, "gate_up_proj") else [name]
+        if hasattr(module, "gate_up_proj") or hasattr(module, "in_features"):
+            held = [scheme.quantized(n) for n in names]
+            if all(held):
+                only.add(name)
+    if asked is not None and asked.backend == "bitsandbytes" or asked is not None and asked.bits == 4:
+        return asked
+    base = asked or _quant.QuantConfig(8, from_checkpoint=True)
+    return dataclasses.replace(base, only=frozenset(only), backend="ours" if base.backend == "auto" else base.backend)
+
+
+def _note_fp8(directory: Path, qc: _quant.QuantConfig | None) -> None:
+    """One line on stderr when an FP8 checkpoint's weights do not load as float8."""
+    if qc is None:
+        how = "widened to the model's dtype (the CPU has no float8 kernels)"
+    elif qc.format == "fp8":
+        return
+    elif qc.ours:
+        how = f"requantized to {qc.format}"
+    else:
+        how = "widened, then quantized by bitsandbytes"
+    print(f"note: {directory.name} holds float8 weights; they are {how} as they load", file=sys.stderr)
+
+
 def load_model(directory: Path, *, progress: Progress | None = None, **placement) -> JambaForCausalLM:
     """The model in `directory`, placed as `place(**placement)` decides, its weights streamed shard by shard."""
     config_path = checkpoint_files.check_file(directory / "config.json", directory)
     config = JambaConfig.from_file(config_path)
+    scheme = fp8_scheme(config_path)
     entries = read_entries(directory)
     check_sizes(config, entries, str(config_path))  # before the model is built: its size is the config's
     with torch.device("meta"), _no_init():
         model = JambaForCausalLM(config)
-    steps = plan(model, entries)  # raises before any memory is spent
+    steps = plan(model, entries, scheme)  # raises before any memory is spent
+    if scheme is not None:
+        placement["quant_config"] = checkpoint_quantization(model, scheme, placement.get("quant_config"))
     placer = None
     try:
         with offload.cleanup_on_signals():
             placer = place(model, **placement)
+            if scheme is not None:
+                _note_fp8(directory, placer.quant_config)
             placer.allocate()
             total = sum(s.entry.end - s.entry.begin for s in steps)
             done = 0
@@ -277,9 +354,12 @@ def load_model(directory: Path, *, progress: Progress | None = None, **placement
             for path, file_steps in by_file.items():
                 with checkpoint_files.open_regular(path) as f:
                     for step in sorted(file_steps, key=lambda s: s.entry.begin):
-                        dest = placer.target(step.name, step.index)
-                        _read_into(f, step.entry, dest)
-                        placer.written(step.name, step.index, dest.numel())
+                        if step.scale is not None:
+                            _read_fp8(f, step, placer)
+                        else:
+                            dest = placer.target(step.name, step.index)
+                            _read_into(f, step.entry, dest)
+                            placer.written(step.name, step.index, dest.numel())
                         done += step.entry.end - step.entry.begin
                         if progress:
                             progress(done, total)
@@ -287,6 +367,29 @@ def load_model(directory: Path, *, progress: Progress | None = None, **placement
     finally:
         if placer is not None:
             placer.close()  # a no-op after finish; on an error or a signal, the offload folder goes
+
+
+def _read_fp8(f, step: Step, placer) -> None:
+    """A float8 weight and its scale: read as they are into a float8 module, else widened (weight · scale)
+    into the parameter's dtype (and quantized from there if its module is quantized otherwise)."""
+    from .compressed_tensors import to_row_scale
+
+    scale = torch.empty(step.scale.shape, dtype=step.scale.dtype)
+    with checkpoint_files.open_regular(step.scale.file) as g:  # (it may sit in another shard)
+        _read_into(g, step.scale, scale)
+    rows = step.entry.shape[0]
+    scale = to_row_scale(scale, rows)
+    direct = placer.target8(step.name, step.index)
+    if direct is not None:
+        weight, row_scale = direct
+        _read_into(f, step.entry, weight)
+        row_scale.copy_(scale)
+        return
+    raw = torch.empty(step.entry.shape, dtype=step.entry.dtype)
+    _read_into(f, step.entry, raw)
+    dest = placer.target(step.name, step.index)
+    dest.copy_((raw.float() * scale[:, None]).view(dest.shape))
+    placer.written(step.name, step.index, dest.numel())
 
 
 def _read_into(f, entry: TensorEntry, dest: torch.Tensor) -> None:

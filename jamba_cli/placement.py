@@ -67,6 +67,19 @@ class Placer:
             self.model.lm_head.weight = self.model.model.embed_tokens.weight
         self.params = dict(self.model.named_parameters())
 
+    def target8(self, name: str, index: tuple = ()) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Where the part `index` of parameter `name` (unquantized naming) goes when it comes as float8 with
+        its row scales and its module keeps float8 weights: (8-bit weight, row scales) to read into directly;
+        else None (the weight is then widened and written through `target`)."""
+        base, _, kind = name.rpartition(".")
+        module = self.model.get_submodule(base)
+        if getattr(module, "weight_format", None) != "fp8":
+            return None
+        if kind == "weight":
+            return module.weight.data[index], module.weight_scale.data[index]
+        scale = module.gate_up_scale if kind == "gate_up_proj" else module.down_scale
+        return getattr(module, kind).data[index], scale.data[index]
+
     def target(self, name: str, index: tuple = ()) -> torch.Tensor:
         """The tensor to write the part `index` of parameter `name` (unquantized naming) into."""
         name, index = self._locate(name, index)
@@ -148,6 +161,8 @@ def place(model: JambaForCausalLM, *, dtype: torch.dtype | None = None, device=N
     dtype = dtype or default_dtype(model.config, first)
     if quant_config:
         quant_config = quant_config.resolved(first)
+        if quant_config is None:  # an FP8 checkpoint on the CPU: its weights are widened as they load
+            targets = {}
     where = devices.assign(model, device_map)
     if budget or automatic or "disk" in where.values():  # (a plain device needs no accelerate import)
         from accelerate.utils import dtype_byte_size
@@ -160,7 +175,9 @@ def place(model: JambaForCausalLM, *, dtype: torch.dtype | None = None, device=N
         with _no_init():
             quantized, own_dtype = quant.swap(model, names, quant_config, compute_dtype=dtype)
         where = devices.assign(model, device_map)
-    return Placer(model, where, dtype, quantized, offload_folder, own_dtype)
+    placer = Placer(model, where, dtype, quantized, offload_folder, own_dtype)
+    placer.quant_config = quant_config  # as resolved for the device
+    return placer
 
 
 @contextlib.contextmanager

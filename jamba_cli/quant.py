@@ -43,6 +43,10 @@ class QuantConfig:
     format: ours only: "int8", "fp8" or None (`resolved` picks: fp8 where the GPU has it, else int8).
     skip: the modules kept in 16-bit (see `skipped`).
     threshold: LLM.int8 only: activation columns with any |x| above this stay in 16-bit.
+    only: the modules to quantize, by name, instead of all but `skip`: those an FP8 checkpoint holds in
+        8 bits (`from_checkpoint`).
+    from_checkpoint: the config comes from an FP8 checkpoint, not from the caller: on a device without
+        our 8-bit kernels (the CPU) `resolved` drops it, and the weights are widened as they load.
     """
 
     bits: int
@@ -50,6 +54,8 @@ class QuantConfig:
     threshold: float = INT8_THRESHOLD
     backend: str = "auto"
     format: str | None = None
+    only: frozenset[str] | None = None
+    from_checkpoint: bool = False
 
     def __post_init__(self):
         if self.bits not in (4, 8):
@@ -70,15 +76,20 @@ class QuantConfig:
     def ours(self) -> bool:
         return self.backend == "ours"
 
-    def resolved(self, device: torch.device) -> QuantConfig:
-        """The backend and format for weights placed first on `device`: "auto" and None made concrete.
+    def resolved(self, device: torch.device) -> QuantConfig | None:
+        """The backend and format for weights placed first on `device`: "auto" and None made concrete (None:
+        no quantization, for a checkpoint's own FP8 on the CPU).
 
         Raises:
             UsageError: fp8 asked for on a GPU without float8.
             DependencyError: bitsandbytes is needed and not installed.
         """
+        from dataclasses import replace
+
         from . import kernels
 
+        if self.from_checkpoint and device.type != "cuda":
+            return None
         backend = self.backend
         if backend == "auto":
             backend = "ours" if self.bits == 8 and (device.type == "cuda" or self.format) else "bitsandbytes"
@@ -91,7 +102,7 @@ class QuantConfig:
                                  f"{torch.cuda.get_device_name(device)} has none: use `quant` int8")
         else:
             require_bnb()
-        return QuantConfig(self.bits, self.skip, self.threshold, backend, fmt)
+        return replace(self, backend=backend, format=fmt)
 
 
 def parse_skip(text: str) -> tuple[str, ...]:
@@ -128,7 +139,7 @@ def targets(model: JambaForCausalLM, qc: QuantConfig) -> dict[str, list[str]]:
     """Modules to quantize -> the names of their full-precision weights (for sizing and placement)."""
     out = {}
     for name, module in model.named_modules():
-        if skipped(name, qc.skip) or name.endswith(DIRECT_WEIGHTS):
+        if (name not in qc.only if qc.only is not None else skipped(name, qc.skip)) or name.endswith(DIRECT_WEIGHTS):
             continue
         if name == "lm_head" and model.config.tie_word_embeddings:
             continue

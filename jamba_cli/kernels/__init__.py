@@ -168,21 +168,27 @@ def moe(x: torch.Tensor, router, experts, top_k: int) -> torch.Tensor:
     with `expert(e, x)`, and stacked `gate_up_proj` (X, 2I, H), `down_proj` (X, H, I) when dense or 8-bit
     (quant8.Experts8, with their row scales).
     """
-    if _8bit(experts) and _dense(router) and experts.act is F.silu and router.bias is None and _ours(x):
+    routable = router.bias is None and (_dense(router) or _8bit(router)) and experts.act is F.silu
+    if routable and _8bit(experts) and _ours(x):
         return _moe8(x, router, experts, top_k)
-    fused = _dense(router, experts) and experts.act is F.silu and router.bias is None
+    fused = routable and _dense(experts)
     if fused and x.shape[0] <= MOE_GEMV_MAX_TOKENS:
         ops = _ours(x)
         if ops:  # routing (softmax, top-k) happens inside the expert kernels, from the router's logits
             i = experts.down_proj.shape[-1]
             return ops.gemv.swiglu_mlp(x, experts.gate_up_proj[:, :i], experts.gate_up_proj[:, i:],
-                                       experts.down_proj, ops.gemv.router_logits(x, router.weight), top_k)
+                                       experts.down_proj, _router_logits(ops, x, router), top_k)
     probs = F.softmax(router(x), dim=-1, dtype=torch.float32)  # (T, X)
     w, idx = torch.topk(probs, top_k, dim=-1)  # (T, k)
     w = w.to(x.dtype)
     if fused and x.dtype == torch.bfloat16 and _gpu(x) and not _recording(x) and hasattr(torch, "_grouped_mm"):
         return grouped_experts(x, idx, w, experts.gate_up_proj, experts.down_proj)  # no host sync
     return reference.experts_loop(x, idx, w, experts.expert)
+
+
+def _router_logits(ops, x: torch.Tensor, router) -> torch.Tensor:
+    """(T, X) float32 router logits (values in x's dtype): our router GEMV, or an 8-bit router's own forward."""
+    return ops.gemv.router_logits(x, router.weight) if _dense(router) else router(x).float()
 
 
 def _moe8(x: torch.Tensor, router, experts, top_k: int) -> torch.Tensor:
@@ -192,7 +198,7 @@ def _moe8(x: torch.Tensor, router, experts, top_k: int) -> torch.Tensor:
     i = experts.down_proj.shape[-1]
     if x.shape[0] <= MOE_GEMV_MAX_TOKENS:
         return ops.gemv.swiglu_mlp(x, experts.gate_up_proj[:, :i], experts.gate_up_proj[:, i:], experts.down_proj,
-                                   ops.gemv.router_logits(x, router.weight), top_k, scales=experts.scales())
+                                   _router_logits(ops, x, router), top_k, scales=experts.scales())
     probs = F.softmax(router(x), dim=-1, dtype=torch.float32)  # (T, X)
     w, idx = torch.topk(probs, top_k, dim=-1)
     if experts.weight_format == "fp8" and scaled.supported(x.device) \
