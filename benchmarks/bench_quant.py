@@ -161,7 +161,8 @@ def run_mode(mode: str, config: JambaConfig, dtype: torch.dtype, args) -> tuple[
     sync()
     load_s = time.perf_counter() - t0
     peak_load = {f"cuda:{i}": torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count())}
-    prompt = torch.randint(3, config.vocab_size, (1, args.prompt_len), generator=torch.Generator().manual_seed(0))
+    prompt = torch.randint(3, config.vocab_size, (1, max(args.prompt_len, args.decode_prompt or 0)),
+                           generator=torch.Generator().manual_seed(0))
     devices = model.layer_devices()
 
     def prefill(n: int) -> tuple[float, torch.Tensor]:
