@@ -160,7 +160,7 @@ def _launch(x, w, scale, offs, grouped: bool, config) -> torch.Tensor:
         x.stride(0), w.stride(0) if grouped else 0, w.stride(-2), scale.stride(0) if grouped else 0, out.stride(0),
         GROUPED=grouped, BLOCK_G=max(16, triton.next_power_of_2(n_groups)), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
         GROUP_M=GROUP_M, SWAP_AB=bool(swap), EVEN_K=k % bk == 0,
-        PRECISION="ieee" if x.dtype == torch.float32 else "tf32",  # fp32 activations stay fp32 products
+        PRECISION="ieee" if x.dtype == torch.float32 else None,  # fp32 activations: fp32 products, not tf32
         INTERPRETED=_INTERPRETED,
         num_warps=warps, num_stages=stages)
     return out
