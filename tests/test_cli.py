@@ -194,7 +194,7 @@ def test_placement_and_quantization_options_reach_the_loader(jamba, tmp_path):
               "--offload-folder", tmp_path, "--load-in-8bit", "--int8-skip", "lm_head", "--int8-threshold", 4,
               "--stats", "hi")
     assert r.exit_code == 0, r.output
-    assert re.match(r"weights cpu [\d.]+ [KM]B, disk [\d.]+ [KM]B\n", r.stderr)
+    assert re.match(r"weights cpu [\d.]+ [KM]B, disk [\d.]+ [KM]B \(float32 [\d.]+ [KM]B\)\n", r.stderr)
     for args, message in ((["--device-map", "cuda:7"], "error: --device-map: there is no cuda:7"),
                           (["--max-memory", "cpu=1KB"], "error: not enough memory: the weights need"),
                           (["--int8-threshold", -1, "--load-in-8bit"], "Invalid value for '--int8-threshold'")):

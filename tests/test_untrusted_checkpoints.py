@@ -488,7 +488,7 @@ def test_integer_and_bool_weights_are_refused(ckpt, dtype, name):
     key = "model.embed_tokens.weight"
     _save_with(ckpt, lambda t: t.update({key: t[key].to(dtype)}))
     assert refusal(ckpt) == f"{key} in model.safetensors has dtype {name}; weights are floating point " \
-                            f"(BF16, F16, F32)"
+                            f"(BF16, F16, F32, or F8_E4M3 with a weight_scale)"
 
 
 # -- item 4: a config is held against the files before anything is built --
