@@ -224,8 +224,8 @@ def quantize(model: nn.Module, name: str, weight: torch.Tensor) -> None:
 
 
 def is_quantized(model: nn.Module) -> bool:
-    """Whether any module of `model` was swapped by `swap` (such a model cannot be captured in a CUDA graph:
-    the per-expert loop and LLM.int8's outlier columns depend on the data)."""
+    """Whether `model` holds bitsandbytes modules (such a model cannot be captured in a CUDA graph: the
+    per-expert loop and LLM.int8's outlier columns depend on the data). Our 8-bit layers (quant8.py) can."""
     return any(isinstance(m, QuantExperts) or type(m).__module__.startswith("bitsandbytes") for m in model.modules())
 
 
