@@ -233,3 +233,14 @@ def test_prefill_attention(randn, b, a, g, t, offset, d):
     got = attention.prefill_attention(q, k, v, offset, config=(16, 16, 1, 1))  # a GPU dot takes K >= 16
     assert got.shape == (b, t, a, d)
     assert_close(got, R.prefill_attention(q, k, v, offset))
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="float8 stores need a GPU (the interpreter has no float8)")
+def test_quantize_tokens_fp8_equals_the_pytorch_steps(randn):
+    x = randn(37, 1000) * torch.logspace(-2, 2, 37, device=DEVICE)[:, None]
+    x[3] = 0
+    q, s = ops.quantize_tokens_fp8(x)
+    s_ref = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12) / 448.0
+    q_ref = (x.float() / s_ref).clamp(-448, 448).to(torch.float8_e4m3fn)
+    assert_close(s, s_ref, 1e-6)
+    assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))

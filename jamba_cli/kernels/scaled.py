@@ -35,7 +35,15 @@ def shapes_ok(k: int, n: int) -> bool:
 
 
 def quantize_tokens(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (M, K) -> (e4m3 (M, K), scales (M, 1) float32) with x ≈ q · s row by row."""
+    """x (M, K) -> (e4m3 (M, K), scales (M, 1) float32) with x ≈ q · s row by row; on CUDA in one pass of
+    our Triton kernel (these PyTorch steps would read and write the activations several times)."""
+    if x.is_cuda and x.shape[-1] <= 65536:
+        try:
+            from .triton.ops import quantize_tokens_fp8
+        except ImportError:
+            pass
+        else:
+            return quantize_tokens_fp8(x)
     s = x.abs().amax(dim=-1, keepdim=True).float().clamp_(min=1e-12) / E4M3_MAX
     return (x.float() / s).clamp_(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn), s
 

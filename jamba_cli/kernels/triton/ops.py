@@ -126,3 +126,30 @@ def moe_combine(y: torch.Tensor, order: torch.Tensor, weights: torch.Tensor) -> 
     _moe_combine_kernel[(t, triton.cdiv(h, block))](y.contiguous(), slot, weights.contiguous(), out,
                                                      h, TOP_K=k, BLOCK=block, num_warps=4)
     return out
+
+
+@triton.jit
+def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, n_cols, x_row_stride, QMAX: tl.constexpr, BLOCK: tl.constexpr):
+    # one row, whole: its absmax, then every value divided by absmax / QMAX (one read, one 1-byte write)
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    x = tl.load(x_ptr + row * x_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    s = tl.maximum(tl.max(tl.abs(x), axis=0), 1e-12) / QMAX
+    q = tl.minimum(tl.maximum(tl.math.div_rn(x, s), -QMAX), QMAX)  # IEEE division, as PyTorch's
+    tl.store(q_ptr + row * n_cols + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
+    tl.store(s_ptr + row, s)
+
+
+def quantize_tokens_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (M, K) -> (e4m3 (M, K), scales (M, 1) float32), as `kernels.scaled.quantize_tokens` in one pass."""
+    m, k = x.shape
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    q = torch.empty(m, k, dtype=torch.float8_e4m3fn, device=x.device)
+    s = torch.empty(m, 1, dtype=torch.float32, device=x.device)
+    block = triton.next_power_of_2(k)
+    if m:
+        _quantize_rows_kernel[(m,)](x, q, s, k, x.stride(0), QMAX=448.0, BLOCK=block,
+                                    num_warps=4 if block <= 4096 else 8 if block <= 8192 else 16)
+    return q, s
