@@ -1,4 +1,4 @@
-"""The `jamba` command: run, chat, download.
+"""The `jamba` command: run, chat, serve, download.
 
 Nothing heavy is imported at module level (torch, the model, huggingface_hub): `jamba --help` and shell
 completion stay fast. Each command parses its input and calls the library with keyword arguments; the
@@ -28,7 +28,8 @@ ASK_ABOVE_BYTES = 1_000_000_000  # a TTY confirms before downloading more than t
 
 app = typer.Typer(name="jamba", no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   context_settings={"help_option_names": ["-h", "--help"]},
-                  help="Run AI21's Jamba models locally: one-shot generation, chat, and model downloads.")
+                  help="Run AI21's Jamba models locally: one-shot generation, chat, an OpenAI-compatible "
+                       "server, and model downloads.")
 
 
 def _version(value: bool) -> None:
@@ -375,6 +376,70 @@ def chat(
                 console.print(plain(f"note: {translate(note)}", "yellow"), soft_wrap=True)
         history = not (no_history or os.environ.get("JAMBA_NOHISTORY"))
         raise typer.Exit(repl(session, console, history=history, translate=translate))
+
+
+@app.command(epilog="Examples:  jamba serve -m ai21labs/AI21-Jamba-Mini-1.7  ·  "
+                    "JAMBA_API_KEY=secret jamba serve --host 0.0.0.0 --port 8000  ·  "
+                    "jamba serve --cors http://localhost:3000 --temperature 0.7")
+@shared_options
+def serve(
+    host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0: every interface; then set "
+                                      "--api-key).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on (0: a free one, shown on "
+                                      "start).")] = 8080,
+    api_key: Annotated[str | None, typer.Option(envvar="JAMBA_API_KEY", show_envvar=True, show_default=False,
+                                                help="Require Authorization: Bearer KEY on every route but "
+                                                "/health.")] = None,
+    cors: Annotated[list[str] | None, typer.Option("--cors", help="Let web pages from this origin call the "
+                                                   "server (repeatable; * for any).")] = None,
+    queue_size: Annotated[int, typer.Option(min=0, help="Requests that may wait while one is generated; more "
+                                            "get 429.")] = 16,
+    cache_budget: Annotated[str, typer.Option(help="Memory for the prefix cache's saved states, e.g. 4GiB "
+                                              "(0: off).")] = "4GiB",
+    max_body_size: Annotated[str, typer.Option(help="Largest request body; a larger one gets 413.")] = "16MiB",
+    *, shared: Shared,
+) -> None:
+    """Serve the model over an OpenAI-compatible HTTP API: /v1/chat/completions, /v1/completions, /v1/models.
+
+    The sampling flags are the defaults of requests that leave a field out; --system is the system prompt of
+    chats that send none. Ctrl+C or SIGTERM stops it (exit status 0)."""
+    console = shared.console()
+    with _reporting(console, shared.ctx):
+        shared = _checked(shared)
+        try:
+            from . import server
+        except ModuleNotFoundError as e:
+            from .errors import DependencyError
+
+            raise DependencyError(f"jamba serve needs {e.name}: pip install 'jamba-cli[serve]'") from None
+        from .terminal import plain
+
+        budget = server.parse_size(cache_budget, "cache_budget")
+        body_limit = server.parse_size(max_body_size, "max_body_size")
+        system_text = read_system(shared.system, shared.system_file)
+        for origin in cors or ():
+            _checked_text(origin, "--cors")
+        if not api_key and not server.is_loopback(host):
+            console.print(plain(f"warning: --host {host} lets anyone who reaches this port use the model; "
+                                "set --api-key (or JAMBA_API_KEY)", "yellow"), soft_wrap=True)
+        sock = server.listen(host, port)  # a port in use fails now, not after loading
+        model, tokenizer, load_s, name = load_model(console, shared.loading, stats=shared.stats)
+        served = Path(name).name if os.path.isdir(os.path.expanduser(name)) else name  # a path: its folder's name
+        on_done = None
+        if shared.stats:
+            from .terminal import stats_line
+
+            def on_done(chunk):
+                console.print(stats_line(chunk.stats, chunk.finish_reason, None, model.device.type), style="dim",
+                              soft_wrap=True)
+        app_ = server.create_app(model, tokenizer, name=served, aliases=[name] if name != served else [],
+                                 context_size=shared.context_size, cache_budget=budget, api_key=api_key,
+                                 cors=cors or [], queue_size=queue_size, max_body_size=body_limit,
+                                 sampling=shared.sampling, system=system_text, on_done=on_done)
+        if shared.stats:
+            console.print(f"load {load_s:.2f} s", style="dim", soft_wrap=True)
+        server.serve(app_, sock, ready=lambda: console.print(plain(f"serving {served} on {server.url(sock)}"),
+                                                             soft_wrap=True, highlight=False))
 
 
 @app.command(epilog="Examples:  jamba download ai21labs/AI21-Jamba-Mini-1.7  ·  "

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository's root
-HEAVY = ("torch", "numpy", "transformers", "huggingface_hub", "safetensors", "tokenizers")
+HEAVY = ("torch", "numpy", "transformers", "huggingface_hub", "safetensors", "tokenizers", "starlette", "uvicorn")
 
 # The repository that conftest's `hub` fixture serves: a real two-shard checkpoint, and what real repos
 # carry next to it; DEFAULT is what `jamba download` fetches of it.

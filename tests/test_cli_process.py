@@ -97,7 +97,8 @@ def test_usage_errors_are_one_line(env):
 
 
 def test_help_and_completion_import_no_torch(env, ckpt):
-    for args in (["--help"], ["run", "--help"], ["chat", "--help"], ["download", "--help"], ["--version"]):
+    for args in (["--help"], ["run", "--help"], ["chat", "--help"], ["serve", "--help"], ["download", "--help"],
+                 ["--version"]):
         r = probe(env, *args)
         assert r.returncode == 0 and r.stderr.endswith("HEAVY="), (args, r.stderr)
     r = probe(env, "run", "--top-p", "1.5", "hi")  # a bad sampling value is refused before torch loads
