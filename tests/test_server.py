@@ -329,7 +329,7 @@ def serve_process(env, *args):
 
 @pytest.mark.slow
 def test_serve_process_and_sigterm(env, ckpt):
-    with serve_process(env, "-m", ckpt) as (proc, lines, url):
+    with serve_process(env, "-m", ckpt, "--stats") as (proc, lines, url):
         name = os.path.basename(ckpt)
         assert lines[-1] == f"serving {name} on {url}\n" and url.startswith("http://127.0.0.1:")
         assert not any("warning" in line for line in lines)
@@ -351,6 +351,11 @@ def test_serve_process_and_sigterm(env, ckpt):
         assert [line for line in rest if line][-1] == "data: [DONE]"
         out, err = proc.communicate()
         assert out == "" and "Traceback" not in err
+        # --stats: a line per request (the chat, then the stream cut by the signal)
+        import re
+
+        finishes = re.findall(r"^prompt \d+ tok .* first token .* generated \d+ tok .* finish (\w+)$", err, re.M)
+        assert finishes == [r.choices[0].finish_reason, "interrupted"], err
 
 
 @pytest.mark.slow
@@ -393,3 +398,65 @@ def test_run_does_not_import_the_server(env, ckpt):
     r = probe(env, "run", "-m", ckpt, "-n", "2", "To be")
     imported = {m.split(".")[0] for m in r.stderr.rsplit("HEAVY=", 1)[1].split(",")}
     assert "torch" in imported and not imported & {"starlette", "uvicorn"}, r.stderr
+
+
+# -- prompts: message boundaries; failures of ours --
+
+MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "To be, or not"},
+            {"role": "assistant", "content": "that is the question"}, {"role": "user", "content": "Now is the winter"}]
+
+
+@pytest.mark.parametrize("template", [None, "jamba_1_7_chat_template.jinja", "jamba_reasoning_3b_chat_template.jinja"])
+def test_message_boundaries(tokenizer_dir, tmp_path, template):
+    """Each boundary is where a message ends: the ids of the messages up to it are the prompt's first ids.
+    Where a template renders a shorter conversation differently (the 3B one, with a user message last), that
+    message gets none; with the built-in format and the 1.7 template every message gets one."""
+    import shutil
+
+    from conftest import shared_data
+
+    from jamba_cli.openai_api import chat_prompt
+    from jamba_cli.tokenizer import load_tokenizer
+
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tokenizer_dir / name, tmp_path / name)
+    if template is not None:
+        shutil.copy(shared_data(template), tmp_path / "chat_template.jinja")
+    tokenizer = load_tokenizer(tmp_path)
+    ids, boundaries = chat_prompt(tokenizer, MESSAGES, 100_000)
+    assert ids == tokenizer.encode_chat(MESSAGES, add_generation_prompt=True)
+    ends = {len(p) for p in (tokenizer.encode_chat(MESSAGES[:k]) for k in range(1, 5)) if ids[:len(p)] == p}
+    assert boundaries and set(boundaries) <= ends and boundaries == sorted(boundaries)
+    if template != "jamba_reasoning_3b_chat_template.jinja":
+        assert len(boundaries) == 4
+
+
+def test_internal_error_is_a_500_without_traceback(small, tmp_path, capfd, monkeypatch):
+    """A model given a tokenizer whose ids run past its embedding (the loader refuses that pair; the library
+    call does not): the engine fails, the client gets a generic 500, stderr one line, and the worker lives on."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from jamba_cli.tokenizer import load_tokenizer
+
+    tok = Tokenizer(models.WordLevel({"<unk>": 0, "small": 5, "big": 5000}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"unk_token": "<unk>"}))
+    model, _ = small
+    monkeypatch.delenv("JAMBA_DEBUG", raising=False)
+    with running(model, load_tokenizer(tmp_path)) as base:
+        capfd.readouterr()
+        r = httpx.post(base + "/v1/completions", json={"prompt": "big", "max_tokens": 2}, timeout=30)
+        error = check_error(r, 500)
+        assert error == {"message": "the server failed to complete the request", "type": "server_error",
+                         "param": None, "code": None}
+        err = capfd.readouterr().err
+        assert err.startswith("error: a request failed: IndexError: ") and err.count("\n") == 1, err
+        assert "Traceback" not in err and "JAMBA_DEBUG=1" in err
+        ok = httpx.post(base + "/v1/completions", json={"prompt": "small", "max_tokens": 2}, timeout=30)
+        assert ok.status_code == 200
+        with long_stream(base, prompt="small small big") as stream:  # streamed: the status comes with the error
+            assert stream.status_code == 500
+        monkeypatch.setenv("JAMBA_DEBUG", "1")
+        check_error(httpx.post(base + "/v1/completions", json={"prompt": "big"}, timeout=30), 500)
+        assert "Traceback" in capfd.readouterr().err
