@@ -316,7 +316,8 @@ def create_app(model, tokenizer, *, name: str, aliases: Sequence[str] = (), cont
     """The ASGI application serving `model` as `name` (requests may also name it by `aliases`). Its worker is
     `app.state.worker`: close it to stop generating (`serve` does on SIGINT/SIGTERM)."""
     context_size = context_size or model.config.max_position_embeddings
-    engine = Engine(model, tokenizer, context_size=context_size, cache_budget=cache_budget, snapshot_every=snapshot_every)
+    budget, every = cache_budget, snapshot_every
+    engine = Engine(model, tokenizer, context_size=context_size, cache_budget=budget, snapshot_every=every)
     worker = Worker(engine, queue_size, on_done)
     defaults = sampling or SamplingParams()
     served = [name, *aliases]
