@@ -231,9 +231,14 @@ def completion_prompt(tokenizer, body: dict, context_size: int) -> list[int]:
         prompt = prompt[0]
     if isinstance(prompt, str):
         try:
-            return tokenizer.encode(prompt, limit=context_size)
+            ids = tokenizer.encode(prompt, limit=context_size)
         except ContextOverflowError as e:
             raise bad(str(e), "prompt", "context_length_exceeded") from None
+        if not ids:  # a tokenizer that adds no BOS: there is nothing to continue from
+            raise bad("`prompt` is empty", "prompt")
+        return ids
+    if prompt == []:
+        raise bad("`prompt` is empty", "prompt")
     if isinstance(prompt, list) and prompt and all(isinstance(i, int) and not isinstance(i, bool) for i in prompt):
         vocab = tokenizer.vocab_size
         wrong = next((i for i in prompt if not 0 <= i < vocab), None)

@@ -185,6 +185,8 @@ def test_errors(base, client, small):
     check_error(post("/v1/completions", json={"prompt": "hi", "max_tokens": context + 1}), 400, param="max_tokens",
                 says=str(context))
     check_error(post("/v1/completions", json={"prompt": ["a", "b"]}), 400, param="prompt")
+    check_error(post("/v1/completions", json={"prompt": []}), 400, param="prompt", says="empty")
+    check_error(post("/v1/completions", json={}), 400, param="prompt")
     check_error(post("/v1/completions", json={"prompt": [5, 99999]}), 400, param="prompt", says="99999")
     check_error(post("/v1/completions", content=b"x" * (64 * 1024 + 1)), 413, "request_too_large")
     check_error(httpx.get(base + "/v1/nothing"), 404, "not_found", says="/v1/nothing")
