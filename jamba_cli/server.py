@@ -322,13 +322,16 @@ def create_app(model, tokenizer, *, name: str, aliases: Sequence[str] = (), cont
     defaults = sampling or SamplingParams()
     served = [name, *aliases]
     started = int(time.time())
+    rendering = threading.Lock()
 
     def spec_of(body: dict, kind: str) -> api.Spec:  # tokenizing: in a thread, not in the event loop
         api.check_model(body, served)
         stream, include_usage = api.options(body)
         params = api.sampling(body, kind=kind, defaults=defaults, context_size=context_size)
         if kind == "chat":
-            ids, boundaries = api.chat_prompt(tokenizer, api.messages(body, system), context_size)
+            msgs = api.messages(body, system)
+            with rendering:  # a template's time budget is kept on its (shared) Jinja environment
+                ids, boundaries = api.chat_prompt(tokenizer, msgs, context_size)
         else:
             ids, boundaries = api.completion_prompt(tokenizer, body, context_size), []
         return api.Spec(kind, ids, params, boundaries, stream, include_usage)
