@@ -172,8 +172,132 @@ class Tokenizer:
 
     def encode_chat(self, messages: list[dict], *, limit: int | None = None, **kwargs) -> list[int]:
         """Token ids of the rendered chat. The template writes BOS itself, so none is added (no double BOS).
-        `limit` is `encode`'s: a chat of more tokens raises ContextOverflowError."""
-        return self.encode(self.apply_chat_template(messages, **kwargs), add_special_tokens=False, limit=limit)
+        `limit` is `encode`'s: a chat of more tokens raises ContextOverflowError.
+
+        The text of a message, a document, a tool definition or a tool call (every string value but a
+        message's role) is tokenized as plain text: an added token's text in it (`<|im_end|>`, `<|eom|>`,
+        `<think>`) is spelled out, never the token, so pasted text cannot end a turn or open another. Only the
+        template's own markup makes those tokens. This differs, on purpose, from transformers (and vLLM and
+        llama.cpp), which tokenize the rendered text whole; where no such text is in the content, the ids are
+        the same as theirs.
+        """
+        text, spans = self.render_protected(messages, **kwargs)
+        if not spans:
+            return self.encode(text, add_special_tokens=False, limit=limit)
+        if limit is not None and len(text) > PIECE_CHARS:
+            over = self._count_beyond(text, limit)
+            if over is not None:
+                raise ContextOverflowError(f"the prompt needs more than {over} tokens but the context holds {limit}")
+        ids = self._encode_protected(text, spans)
+        if limit is not None and len(ids) > limit:
+            raise ContextOverflowError(f"the prompt needs {len(ids)} tokens but the context holds {limit}")
+        return ids
+
+    # -- special tokens: which are control tokens, and content that spells them --
+
+    @cached_property
+    def added_tokens(self) -> dict[str, int]:
+        """Text -> id of the tokens the tokenizer matches in text before the model's own pieces."""
+        return {t.content: i for i, t in self._tok.get_added_tokens_decoder().items()}
+
+    @cached_property
+    def control_ids(self) -> frozenset[int]:
+        """Ids of the control tokens (special added tokens spelled `<|...|>`: turn markup, padding, end of
+        text): left out of shown output unless asked for (`--special`). Markup a reply is parsed by
+        (`<think>`, `<tool_call>`) is not among them."""
+        return frozenset(i for i, t in self._tok.get_added_tokens_decoder().items()
+                         if t.special and re.fullmatch(r"<\|[^|]*\|>", t.content))
+
+    def render_protected(self, messages: list[dict], **kwargs) -> tuple[str, list[tuple[int, int]]]:
+        """The rendered chat (as `apply_chat_template`), and the spans (start, end) of added-token text
+        that came from the content rather than from the template's markup.
+
+        Content holding such text is rendered with a marker character inside each occurrence (one found in
+        no input), which is then taken out: the template sees it, so its checks (`'<think>' in content`)
+        are not fooled by content either."""
+        added = sorted(self.added_tokens, key=len, reverse=True)
+        values = [messages, kwargs.get("tools"), kwargs.get("documents")]
+        if not added or not any(t in s for s in _strings(values) for t in added):
+            return self.apply_chat_template(messages, **kwargs), []
+        source = repr(self.chat_template)
+        mark = next(c for c in map(chr, range(0xFDD0, 0xFDF0))
+                    if c not in source and not any(c in s for s in _strings(values)))
+
+        def escape(value):
+            if isinstance(value, str):
+                for t in added:
+                    value = value.replace(t, t[0] + mark + t[1:])
+                return value
+            if isinstance(value, list):
+                return [escape(v) for v in value]
+            if isinstance(value, dict):
+                return {k: v if k == "role" else escape(v) for k, v in value.items()}
+            return value
+
+        for key in ("tools", "documents"):
+            if kwargs.get(key) is not None:
+                kwargs[key] = escape(kwargs[key])
+        marked = self.apply_chat_template(escape(messages), **kwargs)
+        pieces, spans, start, removed = [], [], 0, 0
+        for at in (i for i, c in enumerate(marked) if c == mark):
+            pieces.append(marked[start:at])
+            start, removed = at + 1, removed + 1
+            spans.append(at - removed)  # where the token's text starts in the clean text
+        pieces.append(marked[start:])
+        text = "".join(pieces)
+        out = []
+        for p in spans:
+            length = next((len(t) for t in added if text.startswith(t, p)), 0)
+            if length:
+                out.append((p, p + length))
+        return text, out
+
+    @cached_property
+    def _plain(self):
+        """This tokenizer without its added tokens: text comes out as the model's own pieces."""
+        from tokenizers import Tokenizer as HFTokenizer
+
+        data = json.loads(self._tok.to_str())
+        data["added_tokens"] = []
+        return HFTokenizer.from_str(json.dumps(data))
+
+    def _encode_protected(self, text: str, spans: list[tuple[int, int]]) -> list[int]:
+        """Ids of `text` as the tokenizer makes them, except that the added-token text in `spans` is spelled
+        out in plain pieces. The tokenizer splits text at added tokens and encodes what lies between them
+        alone, so the stretches between the markup's own added tokens are encoded alone here too: those
+        with a span by the tokenizer without added tokens, the others as they were."""
+        enc = self._tok.encode(text, add_special_tokens=False)
+        added, starts = set(self.added_tokens.values()), {s for s, _ in spans}
+        out, gap, gap_start = [], [], 0
+
+        def flush(end: int):
+            if any(gap_start <= s < end for s in starts):
+                out.extend(self._plain.encode(text[gap_start:end], add_special_tokens=False).ids)
+            else:
+                out.extend(gap)
+
+        for token, (s, e) in zip(enc.ids, enc.offsets):
+            if token in added and s not in starts:  # the template's markup
+                flush(s)
+                out.append(token)
+                gap, gap_start = [], e
+            else:
+                gap.append(token)
+        flush(len(text))
+        return out
+
+
+def _strings(value):
+    """Every string in nested lists and dicts (keys included)."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _strings(v)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from _strings(k)
+            yield from _strings(v)
 
 
 def _pick_template(value) -> str | dict | None:
