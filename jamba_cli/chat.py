@@ -13,20 +13,48 @@ import os
 import secrets
 import stat
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
 
-from .cache import make_cache
+from .cache import MambaCache, make_cache
 from .errors import ChatTemplateError, ContextOverflowError, JambaError
+from .features import Features, Reply, ReplyReader
 from .files import file_kind, open_regular, remove_stale_temporaries, temporary_name
-from .generation import GenerationChunk, on_single_gpu, stream_generate
+from .generation import GenerationStats, on_single_gpu, stream_generate
 from .quant import is_quantized
+from .reasoning import prompt_opens_thinking, template_thinks
 from .sample import SamplingParams
 
 FORMAT = "jamba-chat/1"
-ROLES = ("user", "assistant")
+ROLES = ("user", "assistant", "tool")
+# Tokens that start a message in the two Jamba chat formats: a restore point is kept just before each
+MESSAGE_STARTS = ("<|bom|>", "<|im_start|>")
+# The deepest restore points kept (each holds every Mamba layer's state; a template rewrites only the last
+# few messages, so the deepest are the ones reused)
+MAX_RESTORE_POINTS = 8
+
+
+@dataclass(frozen=True)
+class ChatChunk:
+    """One step of a reply: its pieces as (kind, text), kind "reasoning" or "content"; the token sampled;
+    on the last chunk the finish reason and the finished `Reply` (answer, reasoning, tool calls, citations)."""
+
+    pieces: list
+    token: int | None
+    finish_reason: str | None
+    stats: GenerationStats
+    reply: Reply | None = None
+
+    @property
+    def text(self) -> str:
+        """The answer's text in this chunk (reasoning apart)."""
+        return "".join(t for kind, t in self.pieces if kind == "content")
+
+    @property
+    def reasoning(self) -> str:
+        return "".join(t for kind, t in self.pieces if kind == "reasoning")
 # A file read into a conversation (/read, /load) cannot fit the context when it has more bytes than this per
 # token of the context: tokens of real text average 3-5 bytes, the longest (runs of spaces) a few dozen. The
 # bound keeps /read of /dev/zero or a huge file from growing memory without end.
@@ -41,16 +69,28 @@ class ChatSession:
         system: the system prompt.
         sampling: how replies are sampled; its seed seeds every reply but those of `regenerate`.
         context_size: most tokens the conversation may hold (default: the model's max_position_embeddings).
+        features: tools, documents, citation mode and thinking switches for every turn.
+        special: keep control tokens (`<|eom|>`, `<|im_start|>`...) in the replies' text.
+
+    Restore points: a template may render earlier turns differently once the conversation goes on (the
+    Reasoning-3B template drops the thinking of earlier replies). Before each message-start token the cache
+    passes, its Mamba states are kept (attention K/V can be cut at any position), so that a turn whose
+    rendering changed restores the deepest point whose tokens are unchanged and computes only the rest.
 
     Raises:
         ChatTemplateError: the tokenizer has no chat format.
+        UsageError: `features` asks for what the chat template cannot do.
     """
 
     def __init__(self, model, tokenizer, *, name: str = "", system: str | None = None,
-                 sampling: SamplingParams | None = None, context_size: int | None = None):
+                 sampling: SamplingParams | None = None, context_size: int | None = None,
+                 features: Features | None = None, special: bool = True):
         if not tokenizer.has_chat_format:
             raise ChatTemplateError("this model has no chat template, so it cannot chat")
         self.model, self.tokenizer, self.name = model, tokenizer, name
+        self.features = features or Features()
+        self.features.check(tokenizer)
+        self.special = special
         self.system = system
         self.sampling = sampling or SamplingParams()
         self.stats = False  # whether the REPL prints a stats line after each reply; saved with the conversation
@@ -70,6 +110,10 @@ class ChatSession:
             self.cache = make_cache(model.config, 1, dtype=model.dtype, device=model.layer_devices())
         self.seen: list[int] | None = []  # None: the cache's content is unknown (a turn died half way)
         self._snapshot = None
+        # (position, Mamba states there): each has seen exactly seen[:position], whose K/V the cache holds
+        self._points: list[tuple[int, list]] = []
+        self._starts = {i for i in map(tokenizer.token_to_id, MESSAGE_STARTS) if i is not None}
+        self.last_reply: Reply | None = None
 
     @property
     def context_used(self) -> int:
@@ -79,7 +123,7 @@ class ChatSession:
     def conversation(self) -> list[dict]:
         return ([{"role": "system", "content": self.system}] if self.system else []) + self.messages
 
-    def ask(self, text: str, should_stop: Callable[[], bool]) -> Iterator[GenerationChunk]:
+    def ask(self, text: str, should_stop: Callable[[], bool]) -> Iterator[ChatChunk]:
         """Add a user message and stream the reply, which joins the conversation when it ends.
 
         Raises:
@@ -89,7 +133,15 @@ class ChatSession:
         self.messages.append({"role": "user", "content": text})
         return self._reply(should_stop, self.sampling, undo=self.messages.pop)
 
-    def regenerate(self, should_stop: Callable[[], bool]) -> Iterator[GenerationChunk]:
+    def tool_result(self, name: str, content, should_stop: Callable[[], bool]) -> Iterator[ChatChunk]:
+        """Feed a tool's result (text, or a value sent as JSON) back as a `tool` message and stream the reply
+        that continues from it."""
+        from .tools import tool_result
+
+        self.messages.append(tool_result(name, content))
+        return self._reply(should_stop, self.sampling, undo=self.messages.pop)
+
+    def regenerate(self, should_stop: Callable[[], bool]) -> Iterator[ChatChunk]:
         """Stream the last reply again, sampled with a fresh seed, in place of the old one."""
         if not self.messages or self.messages[-1]["role"] != "assistant" or self._snapshot is None:
             raise JambaError("there is no reply to regenerate")
@@ -102,60 +154,109 @@ class ChatSession:
     def clear(self) -> None:
         self.messages.clear()
         self.cache.reset()
-        self.seen, self._snapshot = [], None
+        self.seen, self._snapshot, self._points = [], None, []
 
     @torch.inference_mode()  # the cache's buffers were made in inference mode; only there can they change
     def _restore(self, snapshot) -> None:
         cache, tokens = snapshot
         self.cache.restore(cache)
         self.seen = list(tokens)
+        self._points = [p for p in self._points if p[0] <= len(tokens)]
+
+    def _keep_point(self, position: int) -> None:
+        """Keep the Mamba states now, the cache holding `position` tokens."""
+        states = [(layer.conv.clone(), layer.ssm.clone()) for layer in self.cache.layers
+                  if isinstance(layer, MambaCache)]
+        self._points = [p for p in self._points if p[0] != position] + [(position, states)]
+        self._points = sorted(self._points, key=lambda p: p[0])[-MAX_RESTORE_POINTS:]
+
+    @torch.inference_mode()
+    def _restore_point(self, position: int, states: list) -> None:
+        layers = [layer for layer in self.cache.layers if isinstance(layer, MambaCache)]
+        for layer, (conv, ssm) in zip(layers, states):
+            layer.conv.copy_(conv)
+            layer.ssm.copy_(ssm)
+        self.cache.seek(position)  # K/V before it are those of seen[:position]; later ones are rewritten
+        self.seen = self.seen[:position]
+        self._points = [p for p in self._points if p[0] <= position]
 
     @torch.inference_mode()
     def _unseen(self, ids: list[int]) -> list[int]:
-        """Bring the cache to the longest state it can reuse for `ids`; return the tokens still to feed."""
+        """Bring the cache to the longest state it can reuse for `ids`; return the tokens still to feed: the
+        tokens seen extend to `ids`, else the deepest restore point or the snapshot within what `ids` shares
+        with them, else nothing is reused."""
         if self.seen is not None and len(self.seen) < len(ids) and ids[:len(self.seen)] == self.seen:
             return ids[len(self.seen):]
+        shared = _common(self.seen, ids) if self.seen is not None else 0
+        point = max((p for p in self._points if p[0] <= shared and p[0] < len(ids)), default=None,
+                    key=lambda p: p[0])
         if self._snapshot is not None:
             tokens = self._snapshot[1]
-            if len(tokens) < len(ids) and ids[:len(tokens)] == tokens:
+            if len(tokens) < len(ids) and ids[:len(tokens)] == tokens and (point is None or len(tokens) >= point[0]):
                 self._restore(self._snapshot)
                 return ids[len(tokens):]
+        if point is not None:
+            self._restore_point(*point)
+            return ids[point[0]:]
         self.cache.reset()
-        self.seen = []
+        self.seen, self._points = [], []
         return ids
 
-    def _reply(self, should_stop, sampling: SamplingParams, undo: Callable[[], object]) -> Iterator[GenerationChunk]:
+    def _render(self) -> tuple[list[int], bool]:
+        """The conversation's ids with a generation prompt, and whether the prompt leaves `<think>` open."""
+        kwargs = self.features.template_kwargs(self.tokenizer)
+        # a conversation longer than the context is refused before it is tokenized whole
+        ids = self.tokenizer.encode_chat(self.conversation(), add_generation_prompt=True, limit=self.context_size,
+                                         **kwargs)
+        thinking = template_thinks(self.tokenizer.chat_template) and prompt_opens_thinking(
+            self.tokenizer.apply_chat_template(self.conversation(), add_generation_prompt=True, **kwargs))
+        return ids, thinking
+
+    def _reply(self, should_stop, sampling: SamplingParams, undo: Callable[[], object]) -> Iterator[ChatChunk]:
         """Stream a reply to the conversation; `undo` takes back the change to the messages that asked for it
         when no reply can start (the template fails, or the conversation does not fit the context)."""
         try:
-            # a conversation longer than the context is refused before it is tokenized whole
-            ids = self.tokenizer.encode_chat(self.conversation(), add_generation_prompt=True,
-                                             limit=self.context_size)
+            ids, thinking = self._render()
         except JambaError:
             undo()
             raise
         new = self._unseen(ids)
         with torch.inference_mode():
             self._snapshot = (self.cache.snapshot(), list(self.seen))
-        sampled, pieces = [], []
+        base = len(self.seen)
+        points = [i - base for i in range(base + 1, len(ids)) if ids[i] in self._starts]
+        reader = ReplyReader(self.features, thinking)
+        sampled, self.last_reply = [], None
         try:
             for chunk in stream_generate(self.model, self.tokenizer, new, sampling, cache=self.cache,
-                                         context_size=self.context_size, should_stop=should_stop):
+                                         context_size=self.context_size, should_stop=should_stop,
+                                         logits_processors=self.features.logits_processors(self.tokenizer, thinking),
+                                         special=self.special, restore_points=points,
+                                         on_restore_point=lambda p: self._keep_point(base + p)):
                 if chunk.token is not None:
                     sampled.append(chunk.token)
-                pieces.append(chunk.text)
-                yield chunk
+                pieces = reader.feed(chunk.text)
+                reply = None
+                if chunk.finish_reason is not None:
+                    more, reply = reader.finish()
+                    pieces += more
+                    self.last_reply = reply
+                yield ChatChunk(pieces, chunk.token, chunk.finish_reason, chunk.stats, reply)
         except ContextOverflowError:
             undo()
             raise
         except BaseException:
-            self.seen = None
+            self.seen, self._points = None, []
             raise
         if sampled:
             self.seen = self.seen + new + sampled[:-1]
         else:  # stopped inside the prompt: the cache holds part of it
             self._restore(self._snapshot)
-        self.messages.append({"role": "assistant", "content": "".join(pieces).strip()})
+        if self.last_reply is None:  # the stream ended without a last chunk
+            self.last_reply = reader.finish()[1]
+        message = self.last_reply.message()
+        message["content"] = message["content"].strip()
+        self.messages.append(message)
 
     @property
     def max_input_bytes(self) -> int:
@@ -338,10 +439,25 @@ def _parse_saved(data, path: Path) -> tuple[list[dict], str | None, dict, bool]:
         if not isinstance(message, dict):
             raise bad(f"messages[{i}]", f"must be an object with a role and a content, not {_json_kind(message)}")
         if message.get("role") not in ROLES:
-            raise bad(f"messages[{i}].role", f"must be {' or '.join(ROLES)}, not {json.dumps(message.get('role'))}")
+            raise bad(f"messages[{i}].role", f"must be {', '.join(ROLES[:-1])} or {ROLES[-1]}, "
+                                             f"not {json.dumps(message.get('role'))}")
         if not isinstance(message.get("content"), str):
             raise bad(f"messages[{i}].content", f"must be text, not {_json_kind(message.get('content'))}")
-        messages.append({"role": message["role"], "content": message["content"]})
+        kept = {"role": message["role"], "content": message["content"]}
+        for key in ("reasoning_content", "name"):  # a reasoning model's thinking; a tool's name
+            if message.get(key) is not None:
+                if not isinstance(message[key], str):
+                    raise bad(f"messages[{i}].{key}", f"must be text, not {_json_kind(message[key])}")
+                kept[key] = message[key]
+        if message.get("tool_calls") is not None:
+            kept["tool_calls"] = _saved_calls(message["tool_calls"], f"messages[{i}].tool_calls", bad)
+        if message.get("citations") is not None:
+            cited = message["citations"]
+            if not (isinstance(cited, list) and all(isinstance(c, dict) and isinstance(c.get("document_id"), int)
+                                                    and not isinstance(c["document_id"], bool) for c in cited)):
+                raise bad(f"messages[{i}].citations", "must be a list of {\"document_id\": N} objects")
+            kept["citations"] = [{"document_id": c["document_id"]} for c in cited]
+        messages.append(kept)
     settings = data.get("settings") or {}
     if not isinstance(settings, dict):
         raise bad("settings", f"must be an object, not {_json_kind(settings)}")
@@ -363,6 +479,32 @@ def _parse_saved(data, path: Path) -> tuple[list[dict], str | None, dict, bool]:
     if not isinstance(stats, bool):
         raise bad("settings.stats", f"must be true or false, not {_json_kind(stats)}")
     return messages, data.get("system"), saved, stats
+
+
+def _saved_calls(calls, key: str, bad) -> list[dict]:
+    """An assistant message's saved `tool_calls`, as `tools.history_calls` writes them."""
+    if not isinstance(calls, list):
+        raise bad(key, f"must be a list, not {_json_kind(calls)}")
+    out = []
+    for j, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise bad(f"{key}[{j}]", "must be an object with a \"function\" that has a \"name\"")
+        entry = {"type": "function", "function": {"name": function["name"],
+                                                  "arguments": function.get("arguments", {})}}
+        if isinstance(call.get("id"), str):
+            entry["id"] = call["id"]
+        out.append(entry)
+    return out
+
+
+def _common(a: list[int], b: list[int]) -> int:
+    """Length of the longest common prefix of `a` and `b`."""
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
 
 
 def _state_path(path: Path) -> Path:

@@ -234,14 +234,16 @@ def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
 
 
 def prompt_ids(tokenizer: Tokenizer, prompt: str | Sequence[int] | Sequence[dict],
-               limit: int | None = None) -> list[int]:
+               limit: int | None = None, template_kwargs: dict | None = None) -> list[int]:
     """A string is tokenized as the tokenizer does by default (BOS included when it adds one), a list of
-    messages goes through the chat template with a generation prompt, and a list of ids is used as is.
+    messages goes through the chat template with a generation prompt (and `template_kwargs`: tools,
+    documents, knobs), and a list of ids is used as is.
     A prompt of more than `limit` tokens raises ContextOverflowError, before a long text is tokenized whole."""
     if isinstance(prompt, str):
         return tokenizer.encode(prompt, limit=limit)
     if prompt and isinstance(prompt[0], dict):
-        return tokenizer.encode_chat(list(prompt), add_generation_prompt=True, limit=limit)
+        return tokenizer.encode_chat(list(prompt), add_generation_prompt=True, limit=limit,
+                                     **(template_kwargs or {}))
     return [int(i) for i in prompt]
 
 
@@ -250,6 +252,9 @@ def stream_generate(model: JambaForCausalLM, tokenizer: Tokenizer, prompt: str |
                     cache: HybridCache | None = None, context_size: int | None = None,
                     prompt_cache: str | os.PathLike | None = None, prompt_parts: Sequence[str] | None = None,
                     should_stop: Callable[[], bool] | None = None, prefill_chunk: int | None = None,
+                    template_kwargs: dict | None = None, logits_processors: Sequence[LogitsProcessor] = (),
+                    special: bool = True, restore_points: Sequence[int] = (),
+                    on_restore_point: Callable[[int], None] | None = None,
                     **knobs) -> Iterator[GenerationChunk]:
     """Continue `prompt` and yield a `GenerationChunk` per sampled token; the texts joined are the reply.
 
@@ -272,6 +277,14 @@ def stream_generate(model: JambaForCausalLM, tokenizer: Tokenizer, prompt: str |
         should_stop: polled between tokens and between the prompt's chunks; True ends the stream with
             finish_reason "interrupted" (stopped in the prompt: on a final chunk with no token, and the cache
             holds part of the prompt).
+        template_kwargs: more chat template variables for a prompt of messages (`tools`, `documents`,
+            `knobs`, `enable_thinking`: see features.Features.template_kwargs).
+        logits_processors: applied after the sampling options' own (a reasoning budget, a grammar).
+        special: False leaves control tokens (`tokenizer.control_ids`: `<|eom|>`, `<|pad|>`...) out of the
+            chunks' text; their ids are still in `token`.
+        restore_points: positions in the prompt where `on_restore_point(position)` is called with the
+            cache holding exactly the prompt's first `position` tokens (the prefill stops there), so the
+            caller can keep the Mamba states (a chat's message boundaries).
         **knobs: `SamplingParams` fields as keywords (`max_tokens=64, temperature=0.7`), a shorthand
             for `sampling`; one given here (not None) wins over the same one in `sampling`.
 
@@ -290,16 +303,19 @@ def stream_generate(model: JambaForCausalLM, tokenizer: Tokenizer, prompt: str |
     # are done here so that a bad argument fails at the call, as Python's own argument errors do
     return _stream(model, tokenizer, prompt, params, eos_token_ids=eos_token_ids, cache=cache,
                    context_size=context_size, prompt_cache=prompt_cache, prompt_parts=prompt_parts,
-                   should_stop=should_stop, prefill_chunk=prefill_chunk)
+                   should_stop=should_stop, prefill_chunk=prefill_chunk, template_kwargs=template_kwargs,
+                   logits_processors=list(logits_processors), special=special, restore_points=restore_points,
+                   on_restore_point=on_restore_point)
 
 
 def _stream(model, tokenizer, prompt, params: SamplingParams, *, eos_token_ids, cache, context_size, prompt_cache,
-            prompt_parts, should_stop, prefill_chunk) -> Iterator[GenerationChunk]:
+            prompt_parts, should_stop, prefill_chunk, template_kwargs, logits_processors, special, restore_points,
+            on_restore_point) -> Iterator[GenerationChunk]:
     start = time.perf_counter()
     context_size = context_size or model.config.max_position_embeddings
     # the prompt alone must fit the whole context (a long text is refused before it is tokenized whole);
     # with the tokens already in the cache, below
-    ids = prompt_ids(tokenizer, prompt, limit=context_size)
+    ids = prompt_ids(tokenizer, prompt, limit=context_size, template_kwargs=template_kwargs)
     if not ids:
         raise ValueError("the prompt is empty: there is no token to continue from")
     head_device = model.lm_head.weight.device
@@ -340,7 +356,8 @@ def _stream(model, tokenizer, prompt, params: SamplingParams, *, eos_token_ids, 
         # cannot be recovered from a later one
         whole = torch.tensor(ids, device=model.device)[None]
         states, done = reused.states, cached
-        for point in pc.save_points(tokenizer, prompt, ids, prompt_parts, start=cached):
+        for point in pc.save_points(tokenizer, prompt, ids, prompt_parts, start=cached,
+                                    template_kwargs=template_kwargs):
             prefill(model, whole[:, done:point], cache, chunk=prefill_chunk, should_stop=stop)
             if interrupted:  # the cache holds part of this stretch: nothing of it is saved
                 break
@@ -350,10 +367,21 @@ def _stream(model, tokenizer, prompt, params: SamplingParams, *, eos_token_ids, 
         if done > cached and not interrupted:  # something was computed: this prompt's state replaces the file's
             pc.save(path, model, cache, ids[:-1], states)
         context, new = whole[:, :-1], whole[:, -1:]
+    elif restore_points:
+        whole, done = torch.tensor(ids, device=model.device)[None], 0
+        for point in sorted(p for p in set(restore_points) if 0 < p < len(ids)):
+            prefill(model, whole[:, done:point], cache, chunk=prefill_chunk, should_stop=stop)
+            if interrupted:
+                break
+            done = point
+            if on_restore_point is not None:
+                on_restore_point(point)
+        context, new = (whole[:, :done] if done else None), whole[:, done:]
 
-    steps = generate_step(model, new, cache=cache, sampler=sampler, logits_processors=params.logits_processors(),
+    steps = generate_step(model, new, cache=cache, sampler=sampler,
+                          logits_processors=params.logits_processors() + logits_processors,
                           max_tokens=max_tokens, prefill_chunk=prefill_chunk, context=context, should_stop=stop)
-    detok = StreamingDetokenizer(tokenizer)
+    detok = StreamingDetokenizer(tokenizer, skip=() if special else tokenizer.control_ids)
     stops = StopStrings(params.stop)
     first = last = None
     count = 0

@@ -418,17 +418,18 @@ def _common(a: Sequence[int], b: Sequence[int]) -> int:
 # -- where to keep Mamba states --
 
 def save_points(tokenizer, prompt, ids: list[int], parts: Sequence[str] | None = None, *, start: int = 0,
-                every: int = EVERY) -> list[int]:
+                every: int = EVERY, template_kwargs: dict | None = None) -> list[int]:
     """The positions in (start, len(ids) - 1] at which a prompt cache keeps the Mamba state of `prompt`
     (text or chat messages, tokenized as `ids`): the end of each of `parts` (the texts the prompt was built
     from, in order, such as a document and a question), every `every` tokens, and len(ids) - 1 (the file
     stops before the last prompt token, which the model must see to sample)."""
     end = len(ids) - 1
-    points = {end, *range(every, end, every), *part_ends(tokenizer, prompt, ids, parts or ())}
+    points = {end, *range(every, end, every), *part_ends(tokenizer, prompt, ids, parts or (), template_kwargs)}
     return sorted(p for p in points if start < p <= end)
 
 
-def part_ends(tokenizer, prompt, ids: list[int], parts: Sequence[str]) -> list[int]:
+def part_ends(tokenizer, prompt, ids: list[int], parts: Sequence[str],
+              template_kwargs: dict | None = None) -> list[int]:
     """For each of `parts` found in order in the text of `prompt` (chat messages rendered with the chat
     template), the number of leading tokens of `ids` that lie within the text up to its end: the tokens of
     that prefix alone, as far as they equal those of the whole prompt (a token that spans the boundary is
@@ -438,7 +439,7 @@ def part_ends(tokenizer, prompt, ids: list[int], parts: Sequence[str]) -> list[i
     if isinstance(prompt, str):
         text, encode = prompt, tokenizer.encode
     elif prompt and isinstance(prompt[0], dict):
-        text = tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, **(template_kwargs or {}))
         encode = lambda s: tokenizer.encode(s, add_special_tokens=False)  # noqa: E731 (as encode_chat does)
     else:
         return []  # token ids: no text to find the parts in

@@ -452,8 +452,9 @@ class StreamingDetokenizer:
     tokens, because one invalid byte turns the whole run into U+FFFD when it is decoded.
     """
 
-    def __init__(self, tokenizer: Tokenizer):
+    def __init__(self, tokenizer: Tokenizer, skip=()):
         self._tokenizer = tokenizer
+        self._skip = frozenset(skip)  # ids whose text is left out (control tokens, unless shown)
         self.tokens: list[int] = []
         self._prefix = 0  # start of the decoding window
         self._read = 0  # tokens before this index have been emitted
@@ -461,6 +462,8 @@ class StreamingDetokenizer:
 
     def add(self, token: int) -> str:
         """Add one token; return the text it completes (often "", never half a character)."""
+        if int(token) in self._skip:
+            return ""
         self.tokens.append(int(token))
         return self._emit(final=False)
 

@@ -159,8 +159,14 @@ def test_no_command_ends_a_piped_chat(env, ckpt, small, tmp_path):
         _saved(tmp_path, "messages.json", {**head, "messages": {"a": 1}}): "messages must be a list, not an object",
         _saved(tmp_path, "message.json", {**head, "messages": ["hi"]}):
             "messages[0] must be an object with a role and a content, not text",
-        _saved(tmp_path, "role.json", {**head, "messages": [{"role": "tool", "content": "x"}]}):
-            'messages[0].role must be user or assistant, not "tool"',
+        _saved(tmp_path, "role.json", {**head, "messages": [{"role": "admin", "content": "x"}]}):
+            'messages[0].role must be user, assistant or tool, not "admin"',
+        _saved(tmp_path, "calls.json", {**head, "messages": [{"role": "assistant", "content": "",
+                                                               "tool_calls": [{"function": {}}]}]}):
+            'messages[0].tool_calls[0] must be an object with a "function" that has a "name"',
+        _saved(tmp_path, "thought.json", {**head, "messages": [{"role": "assistant", "content": "",
+                                                                 "reasoning_content": 3}]}):
+            "messages[0].reasoning_content must be text, not a number",
         _saved(tmp_path, "content.json", {**head, "messages": [{"role": "user", "content": 5}]}):
             "messages[0].content must be text, not a number",
         _saved(tmp_path, "deep.json", "[" * 100000 + "]" * 100000): "(not JSON)",
