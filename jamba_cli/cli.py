@@ -266,6 +266,12 @@ def run(
         system_text = read_system(shared.system, shared.system_file)
         if raw and system_text is not None:
             raise UsageError("--system needs the chat template; drop --raw")
+        features = shared.extras.features()  # the files are read and checked before the model loads
+        if raw and features.any:
+            raise UsageError("--tools, --doc, --citations, --think and --reasoning-budget need the chat template; "
+                             "drop --raw")
+        if features.citations and not features.documents:
+            raise UsageError("--citations needs documents to cite: --doc FILE")
         if prompt_cache is not None:  # a directory, link, pipe or foreign file is refused before any work
             from .files import expand_user
             from .prompt_cache import check_target
@@ -273,50 +279,69 @@ def run(
             prompt_cache = check_target(expand_user(prompt_cache, "prompt_cache"))
         loaded = load_model(console, shared.loading, stats=shared.stats)
         _generate(console, *loaded, text, system_text, raw=raw, format=format, shared=shared,
-                  prompt_cache=prompt_cache, parts=parts)
+                  prompt_cache=prompt_cache, parts=parts, features=features)
 
 
 def _generate(console, model, tokenizer, load_s, name, text, system_text, *, raw, format, shared: Shared,
-              prompt_cache, parts=()) -> None:
+              prompt_cache, parts=(), features=None) -> None:
     import random
 
+    from .features import Features, ReplyReader
     from .generation import stream_generate
-    from .terminal import Interrupt, stats_line
+    from .reasoning import prompt_opens_thinking, template_thinks
+    from .reply_view import ReplyView
+    from .terminal import Interrupt, plain, stats_line
 
+    features = features or Features()
     if raw or not tokenizer.has_chat_format:
         if system_text is not None:
             raise UsageError("this model has no chat template, so --system cannot be used")
-        prompt = text
+        if features.any:
+            features.check(tokenizer)  # one line naming what needs a template
+        prompt, kwargs, reader = text, {}, None
     else:
+        features.check(tokenizer)
         prompt = ([{"role": "system", "content": system_text}] if system_text is not None else []) + \
                  [{"role": "user", "content": text}]
+        kwargs = features.template_kwargs(tokenizer)
+        thinking = template_thinks(tokenizer.chat_template) and prompt_opens_thinking(
+            tokenizer.apply_chat_template(prompt, add_generation_prompt=True, **kwargs))
+        reader = ReplyReader(features, thinking)
+    processors = features.logits_processors(tokenizer, reader.splitter.thinking) if reader is not None else []
+    documents = [d["text"] for d in features.documents or []]
     seed = shared.sampling.seed if shared.sampling.seed is not None else random.randrange(2**31)
     out = sys.stdout
     # on a terminal the model's text is shown inert: byte-fallback tokens can spell escape sequences (a window
     # title, a clipboard write, a cursor move that hides text); a pipe or a file gets the bytes as they are
-    shown = _inert if out.isatty() else str
-    pieces, last = [], None
+    view = ReplyView(console, show_thinking=shared.extras.show_thinking, out=out)
+    texts, last, result = [], None, None
     with Interrupt() as interrupt:
         try:
             for chunk in stream_generate(model, tokenizer, prompt, shared.sampling.override(seed=seed),
                                          context_size=shared.context_size, prompt_cache=prompt_cache,
-                                         prompt_parts=[p for p in (system_text, *parts) if p],
-                                         should_stop=lambda: interrupt.requested):
+                                         prompt_parts=[p for p in (system_text, *documents, *parts) if p],
+                                         should_stop=lambda: interrupt.requested, template_kwargs=kwargs,
+                                         logits_processors=processors, special=shared.extras.special):
                 last = chunk
-                pieces.append(chunk.text)
-                if format == Format.text and chunk.text:
-                    out.write(shown(chunk.text))
-                    out.flush()
+                texts.append(chunk.text)
+                pieces = [("content", chunk.text)] if reader is None else reader.feed(chunk.text)
+                if chunk.finish_reason is not None and reader is not None:
+                    more, result = reader.finish()
+                    pieces += more
+                if format == Format.text:
+                    view.pieces(pieces)
                 elif format == Format.jsonl:
-                    out.write(json.dumps({"type": "chunk", "text": chunk.text, "token": chunk.token},
-                                         ensure_ascii=False) + "\n")
+                    for kind, piece in pieces or [("content", "")]:
+                        record = {"type": "chunk" if kind == "content" else kind, "text": piece, "token": chunk.token}
+                        out.write(json.dumps(record, ensure_ascii=False) + "\n")
                     out.flush()
         except KeyboardInterrupt:
-            if format == Format.text and pieces:
+            if format == Format.text and texts:
                 out.write("\n")
                 out.flush()
             raise
-    reply = "".join(pieces)
+    reply = "".join(texts) if result is None else result.content
+    extra = {} if result is None else result.fields()
     s = last.stats
     summary = {"finish_reason": last.finish_reason, "model": name, "seed": seed,
                "usage": {"prompt_tokens": s.prompt_tokens, "cached_tokens": s.cached_tokens,
@@ -325,11 +350,17 @@ def _generate(console, model, tokenizer, load_s, name, text, system_text, *, raw
                            "prompt_tps": round(s.prompt_tps, 2), "generation_tps": round(s.generation_tps, 2),
                            "peak_memory_bytes": s.peak_memory_bytes}}
     if format == Format.text:
-        out.write("" if reply.endswith("\n") else "\n")
+        view.finish(result)
     elif format == Format.json:
-        out.write(json.dumps({"text": reply, **summary}, ensure_ascii=False) + "\n")
+        out.write(json.dumps({"text": reply, **extra, **summary}, ensure_ascii=False) + "\n")
     else:
-        out.write(json.dumps({"type": "done", **summary}, ensure_ascii=False) + "\n")
+        for call in extra.pop("tool_calls", []):
+            out.write(json.dumps(call, ensure_ascii=False) + "\n")
+        extra.pop("reasoning", None)  # streamed already, as reasoning records
+        out.write(json.dumps({"type": "done", **extra, **summary}, ensure_ascii=False) + "\n")
+    if result is not None and format != Format.text:
+        for note in result.notes:
+            console.print(plain(f"note: {note}", "yellow"), soft_wrap=True)
     out.flush()
     if shared.stats:
         console.print(stats_line(s, last.finish_reason, load_s, model.device.type), style="dim", soft_wrap=True)
@@ -359,13 +390,17 @@ def chat(
 
             resume = expand_user(resume, "resume")
         system_text = read_system(shared.system, shared.system_file)
+        features = shared.extras.features()  # the files are read and checked before the model loads
+        if features.citations and not features.documents:
+            raise UsageError("--citations needs documents to cite: --doc FILE")
         model, tokenizer, _, name = load_model(console, shared.loading, stats=shared.stats)
         from .chat import ChatSession
         from .repl import repl
 
         try:
             session = ChatSession(model, tokenizer, name=name, system=system_text, sampling=shared.sampling,
-                                  context_size=shared.context_size)
+                                  context_size=shared.context_size, features=features,
+                                  special=shared.extras.special)
         except ChatTemplateError as e:
             raise ChatTemplateError(f"{e}; use: jamba run --raw") from None
         session.stats = shared.stats
@@ -375,7 +410,8 @@ def chat(
             for note in session.load(resume):
                 console.print(plain(f"note: {translate(note)}", "yellow"), soft_wrap=True)
         history = not (no_history or os.environ.get("JAMBA_NOHISTORY"))
-        raise typer.Exit(repl(session, console, history=history, translate=translate))
+        raise typer.Exit(repl(session, console, history=history, translate=translate,
+                              show_thinking=shared.extras.show_thinking))
 
 
 @app.command(epilog="Examples:  jamba serve -m ai21labs/AI21-Jamba-Mini-1.7  ·  "
@@ -525,8 +561,3 @@ def main() -> None:
         sys.exit(1)
     sys.exit(code if isinstance(code, int) else 0)
 
-
-def _inert(text: str) -> str:
-    from .terminal import printable
-
-    return printable(text, multiline=True)

@@ -112,6 +112,20 @@ ThresholdOpt = Annotated[float, typer.Option(min=0.0, help="LLM.int8 outlier thr
 CtxOpt = Annotated[int | None, typer.Option("--ctx-size", min=1, help="Most tokens the context may hold "
                                             "(default: the model's max_position_embeddings); on a GPU, "
                                             "chat sets its cache aside up front.")]
+ToolsOpt = Annotated[Path | None, typer.Option("--tools", help="Functions the model may call: a JSON file of OpenAI "
+                                               "tool definitions.")]
+DocOpt = Annotated[list[Path] | None, typer.Option("--doc", help="A document to answer from (repeatable): text, "
+                                                   "titled with its file name, or .json/.jsonl of {title, text}.")]
+CitationsOpt = Annotated[bool, typer.Option("--citations", help="Citation mode: the answer names the documents "
+                                            "it used (a Sources line; json: citations).")]
+ShowThinkingOpt = Annotated[bool, typer.Option("--show-thinking", help="Write a reasoning model's thinking to "
+                                               "stdout too (on a terminal it is shown dim on stderr).")]
+ThinkOpt = Annotated[bool | None, typer.Option("--think/--no-think", help="Turn a reasoning model's thinking on "
+                                               "or off (default: the template's).", show_default=False)]
+BudgetOpt = Annotated[int | None, typer.Option("--reasoning-budget", min=0, help="End thinking after this many "
+                                               "tokens by writing the closing tag.")]
+SpecialOpt = Annotated[bool, typer.Option("--special", help="Show control tokens (<|eom|>, <|im_end|>...) in "
+                                          "the output.")]
 StatsOpt = Annotated[bool, typer.Option("--stats", help="Print load time, speeds and memory on stderr.")]
 ColorOpt = Annotated[Color, typer.Option(help="Colour on stderr (auto: on a TTY, unless NO_COLOR is set).")]
 
@@ -127,6 +141,9 @@ def _shared(
     load_in_8bit: Load8Opt = False, quant: QuantOpt = None, int8_backend: BackendOpt = Int8Backend.auto,
     load_in_4bit: Load4Opt = False, int8_skip: SkipOpt = ",".join(INT8_SKIP),
     int8_threshold: ThresholdOpt = INT8_THRESHOLD, context_size: CtxOpt = None,
+    tools: ToolsOpt = None, documents: DocOpt = None, citations: CitationsOpt = False,
+    show_thinking: ShowThinkingOpt = False, think: ThinkOpt = None, reasoning_budget: BudgetOpt = None,
+    special: SpecialOpt = False,
     stats: StatsOpt = False, color: ColorOpt = Color.auto,
 ) -> None:
     """The options `run` and `chat` share, in the order --help lists them (a signature only; never called).
@@ -161,12 +178,35 @@ class ModelOptions(NamedTuple):  # NamedTuple, not dataclass: built at import, i
                     int8_backend=self.int8_backend.value, kernels=self.kernels.value)
 
 
+class FeatureOptions(NamedTuple):
+    """Tools, documents, citations, thinking and control tokens (features.py)."""
+
+    tools: Path | None
+    documents: list[Path] | None
+    citations: bool
+    show_thinking: bool
+    think: bool | None
+    reasoning_budget: int | None
+    special: bool
+
+    def features(self):
+        """The `features.Features` these ask for (files read and checked: UsageError naming the file)."""
+        from .documents import load_documents
+        from .features import Features
+        from .tools import load_tools
+
+        return Features(tools=load_tools(self.tools) if self.tools is not None else None,
+                        documents=load_documents(self.documents) if self.documents else None,
+                        citations=self.citations, think=self.think, reasoning_budget=self.reasoning_budget)
+
+
 class Shared(NamedTuple):
     """The shared options as a command body gets them, with the command's context (for flag names)."""
 
     ctx: typer.Context
     loading: ModelOptions
     sampling: SamplingParams
+    extras: FeatureOptions
     system: str | None
     system_file: Path | None
     context_size: int | None
@@ -206,7 +246,8 @@ def shared_options(command):
             raise typer.BadParameter(f"{e.value} is out of range ({e.rule.format(_flag(option)[2:])})", ctx=ctx,
                                      param=option) from None
         loading = ModelOptions(**{name: given.pop(name) for name in ModelOptions._fields})
-        return command(**values, shared=Shared(ctx, loading, sampling, **given))
+        extras = FeatureOptions(**{name: given.pop(name) for name in FeatureOptions._fields})
+        return command(**values, shared=Shared(ctx, loading, sampling, extras, **given))
 
     with_shared.__signature__ = inspect.Signature(params)  # what Typer reads: the options, not **values
     with_shared.__annotations__ = {p.name: p.annotation for p in params}

@@ -48,6 +48,7 @@ class ThinkSplitter:
         self.entered = thinking  # the reply thought (even if nothing)
         self.started = thinking  # past the point where a <think> may still open
         self.pending = ""
+        self.trim = thinking  # line breaks right after a tag are the template's, not the text's
         self.reasoning: list[str] = []
         self.content: list[str] = []
 
@@ -57,11 +58,15 @@ class ThinkSplitter:
         buf, out = self.pending + text, []
         self.pending = ""
         while buf:
+            if self.trim:
+                buf = buf.lstrip("\n")
+                self.trim = not buf
+                continue
             if not self.started:
                 stripped = buf.lstrip()
                 if stripped.startswith(OPEN):
-                    buf, self.thinking, self.started = stripped[len(OPEN):].lstrip("\n"), True, True
-                    self.entered = True
+                    buf, self.thinking, self.started = stripped[len(OPEN):], True, True
+                    self.entered = self.trim = True
                     continue
                 if OPEN.startswith(stripped):  # white space, or part of the tag: wait for more
                     self.pending = buf
@@ -74,7 +79,7 @@ class ThinkSplitter:
             at = buf.find(CLOSE)
             if at >= 0:
                 out.append(("reasoning", buf[:at]))
-                buf, self.thinking = buf[at + len(CLOSE):].lstrip("\n"), False
+                buf, self.thinking, self.trim = buf[at + len(CLOSE):], False, True
                 continue
             keep = next((k for k in range(min(len(CLOSE) - 1, len(buf)), 0, -1) if buf.endswith(CLOSE[:k])), 0)
             out.append(("reasoning", buf[:len(buf) - keep]))

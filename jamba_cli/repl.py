@@ -21,6 +21,7 @@ from pathlib import Path
 from .chat import ChatSession, existing_targets, read_file
 from .errors import ContextOverflowError, JambaError
 from .sample import SamplingParams
+from .reply_view import ReplyView
 from .terminal import Interrupt, plain, printable, stats_line
 
 SAMPLING = tuple(f.name for f in fields(SamplingParams))
@@ -36,8 +37,10 @@ class Repl:
     `translate` turns a library message into the command line's words (flags where it names parameters).
     """
 
-    def __init__(self, session: ChatSession, console, reader: _Input, translate: Callable[[str], str] = str):
+    def __init__(self, session: ChatSession, console, reader: _Input, translate: Callable[[str], str] = str,
+                 show_thinking: bool = False):
         self.session, self.console, self.reader, self.translate = session, console, reader, translate
+        self.show_thinking = show_thinking
         self.attachment = ""
 
     def say(self, text: str, style: str = "", *, multiline: bool = False) -> None:
@@ -102,22 +105,19 @@ class Repl:
         Raises:
             JambaError: the reply could not start (the conversation is as it was).
         """
-        out, session = sys.stdout, self.session
-        # on a terminal the model's text is shown inert (escape sequences it spells do nothing); piped, as is
-        shown = (lambda text: printable(text, multiline=True)) if out.isatty() else str
+        session = self.session
+        # the answer on stdout (inert on a terminal), thinking dim on stderr, tool calls and sources after it
+        view = ReplyView(self.console, show_thinking=self.show_thinking)
         last = None
         with Interrupt() as interrupt:
             try:
                 for chunk in start(lambda: interrupt.requested):
                     last = chunk
-                    if chunk.text:
-                        out.write(shown(chunk.text))
-                        out.flush()
+                    view.pieces(chunk.pieces)
             except ContextOverflowError as e:
                 self.say(f"context full: {e}. /clear starts over; --ctx-size raises the limit", "red")
                 return
-        out.write("\n")
-        out.flush()
+        view.finish(last.reply if last is not None else None, newline=True)
         if last.finish_reason == "interrupted":
             self.say("[reply interrupted]", "dim")
         elif last.finish_reason == "length" and session.context_used + 1 >= session.context_size:
@@ -192,6 +192,19 @@ def _regen(repl: Repl, arg: str) -> None:
     repl.reply(repl.session.regenerate)
 
 
+def _tool(repl: Repl, arg: str) -> None:
+    import json
+
+    name, _, value = arg.partition(" ")
+    if not name or not value.strip():
+        raise JambaError("usage: /tool NAME RESULT (the result as JSON, or as text)")
+    try:
+        content = json.loads(value)
+    except (ValueError, RecursionError):
+        content = value.strip()  # a plain-text result
+    repl.reply(lambda stop: repl.session.tool_result(name, content, stop))
+
+
 def _path(arg: str, command: str) -> Path:
     """The file a command names: `~` and `~user` expanded."""
     if not arg:
@@ -254,6 +267,8 @@ COMMANDS = (
             "stop (TEXT or off), ignore_eos (on/off), stats (on/off)", _set),
     Command(("/show",), "", "parameters, model, system prompt, context used", _show),
     Command(("/regen",), "", "answer the last message again (a fresh sample; greedy gives the same)", _regen),
+    Command(("/tool",), "NAME RESULT", "send a tool's result (JSON or text) for the model's tool call, and\n"
+            "let it continue", _tool),
     Command(("/read",), "FILE", "send FILE's text with your next message", _read),
     Command(("/save",), "FILE", "save the conversation as JSON, and the model state as FILE.state\n"
             "(on a terminal, asks before replacing a file; piped, refuses to)", _save),
@@ -454,7 +469,8 @@ class _TooLong(Exception):
     """A line longer than the input's limit (it was read, and dropped)."""
 
 
-def repl(session: ChatSession, console, *, history: bool = True, translate: Callable[[str], str] = str) -> int:
+def repl(session: ChatSession, console, *, history: bool = True, translate: Callable[[str], str] = str,
+         show_thinking: bool = False) -> int:
     """Chat on stdin/stdout until /bye or the end of input; returns the exit status.
 
     Args:
@@ -464,4 +480,4 @@ def repl(session: ChatSession, console, *, history: bool = True, translate: Call
         translate: turns a library message into the command line's words.
     """
     reader = _Input(sys.stdin is not None and sys.stdin.isatty(), history, session.max_input_bytes)
-    return Repl(session, console, reader, translate).run()
+    return Repl(session, console, reader, translate, show_thinking).run()
