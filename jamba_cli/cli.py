@@ -450,6 +450,11 @@ def serve(
             raise DependencyError(f"jamba serve needs {e.name}: pip install 'jamba-cli[serve]'") from None
         from .terminal import plain
 
+        extras = shared.extras
+        if any((extras.tools, extras.documents, extras.citations, extras.show_thinking, extras.think is not None,
+                extras.reasoning_budget is not None, extras.special)):
+            raise UsageError("--tools, --doc, --citations, --think, --reasoning-budget, --show-thinking and --special "
+                             "are for run and chat; serve takes tools and documents in each request")
         budget = server.parse_size(cache_budget, "cache_budget")
         body_limit = server.parse_size(max_body_size, "max_body_size")
         system_text = read_system(shared.system, shared.system_file)

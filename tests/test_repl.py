@@ -37,7 +37,7 @@ def chat(checkpoints, monkeypatch, tmp_path):
 def test_every_command_is_known_and_help_prints_the_table(chat, tmp_path):
     (tmp_path / "f.txt").write_text("notes")
     args = {"/system": "Be brief.", "/set": "seed 3", "/read": tmp_path / "f.txt", "/save": tmp_path / "t.json",
-            "/save!": tmp_path / "t.json", "/load": tmp_path / "t.json"}
+            "/save!": tmp_path / "t.json", "/load": tmp_path / "t.json", "/tool": 'lookup {"found": true}'}
     names = sorted((n for n in TABLE if TABLE[n].run is not TABLE["/bye"].run), key=lambda n: n == "/clear")
     r = chat("hi", *(f"{name} {args.get(name, '')}".strip() for name in names))
     assert r.exit_code == 0 and "unknown command" not in r.stderr and "error" not in r.stderr, r.stderr
