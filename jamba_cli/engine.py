@@ -113,6 +113,14 @@ class Engine:
         return {**self.prefix.stats(), "requests": self._requests, "hits": self._hits,
                 "tokens_reused": self._reused}
 
+    @torch.inference_mode()
+    def clear(self) -> None:
+        """Forget every state: the prefix cache's entries and what the working cache holds."""
+        self.prefix.clear()
+        self.cache.reset()
+        self.seen = []
+        self._current = 0  # a stream still open cannot go on over the cleared cache
+
     def stream(self, ids: Sequence[int], params: SamplingParams, *, boundaries: Sequence[int] = (),
                should_stop: Callable[[], bool] = lambda: False) -> Iterator[GenerationChunk]:
         """Stream the reply to the prompt `ids` (the chat template already applied), as `stream_generate`
