@@ -58,11 +58,18 @@ def boundaries(tokenizer, messages: list[dict]) -> list[int]:
 def turn(engine: Engine, messages: list[dict], params: SamplingParams) -> tuple[dict, str, torch.Tensor]:
     """Stream one turn: (its figures, the reply, the logits each token was sampled from)."""
     ids = engine.tokenizer.encode_chat(messages, add_generation_prompt=True)
-    logits = []
-    hook = engine.model.lm_head.register_forward_hook(lambda m, a, out: logits.append(out[0, -1].float().cpu()))
+    logits, chunks, first = [], [], None
+
+    def keep(module, args, out):  # not inside a CUDA graph's capture, whose replays call no hook
+        if not (out.is_cuda and torch.cuda.is_current_stream_capturing()):
+            logits.append(out[0, -1].float().cpu())
+
+    hook = engine.model.lm_head.register_forward_hook(keep)
     began = time.perf_counter()
     try:
-        chunks = list(engine.stream(ids, params, boundaries=boundaries(engine.tokenizer, messages)))
+        for chunk in engine.stream(ids, params, boundaries=boundaries(engine.tokenizer, messages)):
+            first = len(logits) if first is None else first
+            chunks.append(chunk)
     finally:
         hook.remove()
     wall = time.perf_counter() - began
@@ -70,7 +77,9 @@ def turn(engine: Engine, messages: list[dict], params: SamplingParams) -> tuple[
     stats = chunks[-1].stats
     row = {"prompt_tokens": stats.prompt_tokens, "cached_tokens": stats.cached_tokens, "ttft_s": stats.ttft_s,
            "generation_tokens": stats.generation_tokens, "wall_s": wall, "tokens": sampled}
-    return row, "".join(c.text for c in chunks), torch.stack(logits[len(logits) - len(sampled):])
+    # the last prompt position's logits, then each decode step's where the steps run eagerly (on a GPU they
+    # replay a CUDA graph: the first token's logits alone)
+    return row, "".join(c.text for c in chunks), torch.stack(logits[first - 1:])
 
 
 def conversation(engine: Engine, doc: str, turns: int, params: SamplingParams, cold: bool) -> list[dict]:
