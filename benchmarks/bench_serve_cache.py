@@ -131,15 +131,18 @@ def cpu_conversation(args) -> dict:
     engine.clear()
     rows = conversation(engine, doc, args.turns, params, cold=True)
     stats = engine.stats()
-    # the conversation again, warm only: each turn's time to first token is the median of the passes (a
-    # shared CPU's noise is as large as a warm turn's whole time)
-    passes = [[r["ttft_s"] for r in rows]]
+    # the conversation again: each time is the median of the passes (a shared CPU's noise is as large as a
+    # warm turn's whole time)
+    passes = [rows]
     for _ in range(args.repeat - 1):
         engine.clear()
-        passes.append([r["ttft_s"] for r in conversation(engine, doc, args.turns, params, cold=False)])
+        passes.append(conversation(engine, doc, args.turns, params, cold=True))
     for i, row in enumerate(rows):
-        row["ttft_s_passes"] = [p[i] for p in passes]
-        row["ttft_s"] = statistics.median(row["ttft_s_passes"])
+        for key in ("ttft_s", "cold_ttft_s"):
+            row[key + "_passes"] = [p[i][key] for p in passes]
+            row[key] = statistics.median(row[key + "_passes"])
+        row["same_reply"] = all(p[i]["same_reply"] for p in passes)
+        row["max_rel_logit_diff"] = max(p[i]["max_rel_logit_diff"] for p in passes)
     return {"model": "bundled jamba-tiny-shakespeare, fp32", "device": "cpu", "cpu": platform.processor() or
             platform.machine(), "threads": torch.get_num_threads(), "doc_tokens": args.doc_tokens,
             "max_tokens": args.max_tokens, "passes": args.repeat, "turns": rows, "engine_after_first_pass": stats}
@@ -194,7 +197,7 @@ def main() -> None:
     ap.add_argument("--doc-tokens", type=int, default=4000)
     ap.add_argument("--context", type=int, default=8192, help="context size of the CPU conversation")
     ap.add_argument("--max-tokens", type=int, default=16, help="tokens per reply")
-    ap.add_argument("--repeat", type=int, default=3, help="passes of the CPU conversation (median time)")
+    ap.add_argument("--repeat", type=int, default=3, help="passes of the CPU conversation (median times)")
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     args = ap.parse_args()
     if args.threads:
