@@ -170,7 +170,7 @@ def random_follow_up(args) -> dict:
             torch.cuda.synchronize()
 
     # warm-up: Triton's compiles and the CUDA graph's capture stay out of the timings
-    conversation(engine, document(tokenizer, 1024), 2, params, cold=False)
+    conversation(engine, document(tokenizer, min(1024, args.prompt // 4)), 2, params, cold=False)
     engine.clear()
     sync()
     rows = conversation(engine, document(tokenizer, args.prompt), 2, params, cold=True)

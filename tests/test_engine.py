@@ -226,3 +226,36 @@ def test_a_deeper_model_with_snapshots_inside_a_long_prompt(mini):
     edited = first[:50] + tokenizer.encode(" Now is the winter", add_special_tokens=False)
     chunks = compare(engine, edited, params)
     assert chunks[-1].stats.cached_tokens == 32
+
+
+def test_clear_forgets_every_state(bundled):
+    model, tokenizer = bundled
+    engine = Engine(model, tokenizer, context_size=2048)
+    ids = tokenizer.encode_chat([SYSTEM, {"role": "user", "content": QUESTIONS[0]}], add_generation_prompt=True)
+    compare(engine, ids)
+    engine.clear()
+    assert engine.stats()["entries"] == 0 and engine.stats()["bytes"] == {}
+    assert compare(engine, ids)[-1].stats.cached_tokens == 0
+
+
+@pytest.mark.slow
+def test_the_gpu_benchmark_runs_on_the_cpu_with_a_tiny_shape(tmp_path):
+    # so that a run on a GPU cannot fail on something a CPU could have caught
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "serve.json"
+    subprocess.run([sys.executable, str(root / "benchmarks" / "bench_serve_cache.py"), "--random", "--shape", "tiny",
+                    "--prompt", "600", "--max-tokens", "4", "--out", str(out)],
+                   check=True, env=os.environ, capture_output=True)
+    report = json.loads(out.read_text())
+    first, follow = report["first_turn"], report["follow_up"]
+    assert first["cached_tokens"] == 0 and first["cold_cached_tokens"] == 0
+    assert first["prompt_tokens"] <= follow["cached_tokens"] < follow["prompt_tokens"]
+    assert follow["same_reply"] and follow["max_rel_logit_diff"] < 1e-4
+    assert report["follow_up_ttft_s"]["cached"] > 0 and report["follow_up_ttft_s"]["cold"] > 0
+    assert all(check["pass"] for check in report["checks"])
