@@ -134,7 +134,7 @@ class Engine:
                 finish_reason "interrupted".
 
         Raises (at the call, before any work):
-            UsageError: `ids` is empty or holds a number that is no token id of the model.
+            UsageError: `ids` is empty.
             ContextOverflowError: the prompt does not fit `context_size`.
         """
         ids = [int(i) for i in ids]
@@ -142,10 +142,6 @@ class Engine:
             raise UsageError("the prompt is empty: there is no token to continue from")
         if len(ids) > self.context_size:
             raise ContextOverflowError(f"the prompt needs {len(ids)} tokens but the context holds {self.context_size}")
-        vocab = self.model.config.vocab_size
-        bad = next((i for i in ids if not 0 <= i < vocab), None)
-        if bad is not None:
-            raise UsageError(f"`ids` holds {bad}, which is no token id of this model (0 to {vocab - 1})")
         params = (params or SamplingParams()).resolve(self.tokenizer.generation_config)
         return self._run(ids, params, [int(b) for b in boundaries], should_stop)
 
