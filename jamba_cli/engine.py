@@ -42,27 +42,31 @@ DEFAULT_CACHE_BUDGET = 4 << 30
 SNAPSHOT_EVERY = 4096
 
 
+def _seeing(prefix: Sequence[int], processors: Sequence[LogitsProcessor]) -> list[LogitsProcessor]:
+    """`processors` given the history with `prefix` before it: the tokens the cache held before the ones
+    `stream_generate` is given, which a cold run's processors see as prompt."""
+    if not processors or not prefix:
+        return list(processors)
+    held: list[torch.Tensor] = []
+
+    def seeing(process: LogitsProcessor) -> LogitsProcessor:
+        def run(history: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+            if not held:
+                held.append(torch.tensor(prefix, device=history.device).view(1, -1))
+            return process(torch.cat([held[0].expand(history.shape[0], -1), history], dim=1), logits)
+        return run
+
+    return [seeing(p) for p in processors]
+
+
 @dataclass(frozen=True)
 class _Continued(SamplingParams):
-    """Sampling options whose logits processors (the repetition penalty) also see `prefix`: the tokens the
-    cache held before the ones `stream_generate` is given, which a cold run's processors see as prompt."""
+    """Sampling options whose own logits processors (the repetition penalty) also see `prefix`."""
 
     prefix: tuple[int, ...] = ()
 
     def logits_processors(self) -> list[LogitsProcessor]:
-        processors = super().logits_processors()
-        if not processors or not self.prefix:
-            return processors
-        held: list[torch.Tensor] = []
-
-        def with_prefix(process: LogitsProcessor) -> LogitsProcessor:
-            def run(history: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-                if not held:
-                    held.append(torch.tensor(self.prefix, device=history.device).view(1, -1))
-                return process(torch.cat([held[0].expand(history.shape[0], -1), history], dim=1), logits)
-            return run
-
-        return [with_prefix(p) for p in processors]
+        return _seeing(self.prefix, super().logits_processors())
 
 
 class Engine:
@@ -122,7 +126,8 @@ class Engine:
         self._current = 0  # a stream still open cannot go on over the cleared cache
 
     def stream(self, ids: Sequence[int], params: SamplingParams, *, boundaries: Sequence[int] = (),
-               should_stop: Callable[[], bool] = lambda: False) -> Iterator[GenerationChunk]:
+               should_stop: Callable[[], bool] = lambda: False, special: bool = True,
+               logits_processors: Sequence[LogitsProcessor] = ()) -> Iterator[GenerationChunk]:
         """Stream the reply to the prompt `ids` (the chat template already applied), as `stream_generate`
         does for it cold: the same chunks, texts and tokens; `stats.cached_tokens` counts the prompt
         positions restored rather than computed.
@@ -132,6 +137,7 @@ class Engine:
             boundaries: positions in `ids` where a message ends: states are kept there for later prompts.
             should_stop: polled between the prompt's chunks and between tokens; True ends the stream with
                 finish_reason "interrupted".
+            special, logits_processors: as for `stream_generate` (the processors see the whole prompt).
 
         Raises (at the call, before any work):
             UsageError: `ids` is empty.
@@ -143,10 +149,11 @@ class Engine:
         if len(ids) > self.context_size:
             raise ContextOverflowError(f"the prompt needs {len(ids)} tokens but the context holds {self.context_size}")
         params = (params or SamplingParams()).resolve(self.tokenizer.generation_config)
-        return self._run(ids, params, [int(b) for b in boundaries], should_stop)
+        return self._run(ids, params, [int(b) for b in boundaries], should_stop,
+                         dict(special=special, logits_processors=list(logits_processors)))
 
-    def _run(self, ids: list[int], params: SamplingParams, boundaries: list[int],
-             should_stop: Callable[[], bool]) -> Iterator[GenerationChunk]:
+    def _run(self, ids: list[int], params: SamplingParams, boundaries: list[int], should_stop: Callable[[], bool],
+             options: dict) -> Iterator[GenerationChunk]:
         start = time.perf_counter()
         head = self.model.lm_head.weight.device
         _reset_peak_memory(head)
@@ -181,7 +188,9 @@ class Engine:
             peak = _peak_memory(head)  # stream_generate measures its own part from a reset
             offset = time.perf_counter() - start
             inner = stream_generate(self.model, self.tokenizer, ids[done:], sampling, cache=self.cache,
-                                    context_size=self.context_size, should_stop=should_stop)
+                                    context_size=self.context_size, should_stop=should_stop,
+                                    special=options["special"],
+                                    logits_processors=_seeing(ids[:done], options["logits_processors"]))
             try:
                 for chunk in inner:
                     if chunk.token is not None:

@@ -36,12 +36,13 @@ def logged(model, make_chunks):
     return chunks, torch.stack(logits[len(logits) - sampled:])
 
 
-def compare(engine: Engine, ids: list[int], params: SamplingParams = GREEDY, **kwargs):
-    """Stream `ids` through `engine` and cold; assert the same chunks and logits; return the engine's chunks."""
+def compare(engine: Engine, ids: list[int], params: SamplingParams = GREEDY, boundaries=(), **kwargs):
+    """Stream `ids` through `engine` and cold (`kwargs` to both); assert the same chunks and logits; return the
+    engine's chunks."""
     model, tokenizer = engine.model, engine.tokenizer
-    warm, warm_logits = logged(model, lambda: engine.stream(ids, params, **kwargs))
+    warm, warm_logits = logged(model, lambda: engine.stream(ids, params, boundaries=boundaries, **kwargs))
     cold, cold_logits = logged(model, lambda: stream_generate(model, tokenizer, ids, params,
-                                                              context_size=engine.context_size))
+                                                              context_size=engine.context_size, **kwargs))
     assert [(c.text, c.token, c.finish_reason) for c in warm] == [(c.text, c.token, c.finish_reason) for c in cold]
     assert_close(warm_logits, cold_logits)
     assert warm[-1].stats.prompt_tokens == len(ids) and cold[-1].stats.cached_tokens == 0
@@ -162,6 +163,20 @@ def test_the_repetition_penalty_sees_the_restored_tokens(bundled):
     ids = tokenizer.encode_chat([SYSTEM, {"role": "user", "content": QUESTIONS[0]}], add_generation_prompt=True)
     compare(engine, ids, penalized)
     chunks = compare(engine, ids, penalized)  # from the state at the last token but one
+    assert chunks[-1].stats.cached_tokens == len(ids) - 1
+
+
+def test_logits_processors_given_see_the_whole_prompt_and_control_tokens_can_be_left_out(bundled):
+    model, tokenizer = bundled
+    engine = Engine(model, tokenizer, context_size=2048)
+
+    def unseen(history, logits):  # no token of the prompt or the reply again: depends on every token seen
+        return logits.scatter(-1, history, float("-inf"))
+
+    ids = tokenizer.encode_chat([SYSTEM, {"role": "user", "content": QUESTIONS[0]}], add_generation_prompt=True)
+    params = SamplingParams(max_tokens=12, temperature=0.0)
+    compare(engine, ids, params, logits_processors=[unseen])
+    chunks = compare(engine, ids, params, logits_processors=[unseen], special=False)
     assert chunks[-1].stats.cached_tokens == len(ids) - 1
 
 
