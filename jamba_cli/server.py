@@ -22,7 +22,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 
 import anyio
 import uvicorn
@@ -37,6 +37,7 @@ from starlette.routing import Route
 
 from . import openai_api as api
 from .errors import ContextOverflowError, JambaError, UsageError
+from .engine import Engine
 from .openai_api import ApiError
 from .sample import SamplingParams
 
@@ -49,33 +50,6 @@ GRACE_S = 5  # after a stop signal, how long uvicorn waits for responses to end 
 LOOPBACK = ("localhost",)
 
 
-class _SimpleEngine:
-    """The engine's interface (jamba_cli.engine.Engine) over `stream_generate`, without a prefix cache: every
-    request computes its whole prompt. Used where jamba_cli.engine is absent."""
-
-    def __init__(self, model, tokenizer, *, context_size: int | None = None, cache_budget: int = 0,
-                 snapshot_every: int = SNAPSHOT_EVERY):
-        self.model, self.tokenizer, self.context_size = model, tokenizer, context_size
-        self.requests = 0
-
-    def stream(self, ids: list[int], params: SamplingParams, *, boundaries: Sequence[int] = (),
-               should_stop: Callable[[], bool] = lambda: False) -> Iterator:
-        from .generation import stream_generate
-
-        self.requests += 1
-        return stream_generate(self.model, self.tokenizer, list(ids), params, context_size=self.context_size,
-                               should_stop=should_stop)
-
-    def stats(self) -> dict:
-        return {"requests": self.requests}
-
-
-try:
-    from .engine import Engine
-except ModuleNotFoundError as e:  # only the module's absence; an error inside it is not hidden
-    if e.name != f"{__package__}.engine":
-        raise
-    Engine = _SimpleEngine
 
 
 def parse_size(text: str, param: str) -> int:
