@@ -48,14 +48,13 @@ def load_documents(paths: list[str | Path]) -> list[dict]:
         UsageError: a file cannot be read, is not UTF-8 JSON where JSON is expected, or an entry lacks its
             text (the message names the file, and the line of a JSONL file).
     """
-    from .files import expand_user
+    from .files import expand_user, read_regular
 
     out = []
     for raw in paths:
         path = expand_user(raw, "doc")
         try:
-            with open(path, "rb") as f:
-                data = f.read(MAX_DOCUMENT_BYTES + 1)
+            data = read_regular(path, MAX_DOCUMENT_BYTES)
         except OSError as e:
             raise UsageError(f"cannot read document {path}: {e.strerror or e}") from None
         if len(data) > MAX_DOCUMENT_BYTES:

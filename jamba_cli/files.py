@@ -112,3 +112,15 @@ def remove_stale_temporaries(directory: Path) -> list[Path]:
         except OSError:
             continue
     return removed
+
+
+def read_regular(path: str | os.PathLike, limit: int) -> bytes:
+    """At most `limit` + 1 bytes of the regular file `path` (one more than allowed, so the caller can tell a
+    file that is too large), read through `open_regular`: a FIFO or device is refused, never read.
+
+    Raises:
+        OSError: it cannot be opened or read, or is no regular file (NotRegularFile).
+    """
+    fd = open_regular(path)
+    with open(fd, "rb") as f:
+        return f.read(limit + 1)

@@ -229,34 +229,34 @@ def is_quantized(model: nn.Module) -> bool:
     return any(isinstance(m, QuantExperts) or type(m).__module__.startswith("bitsandbytes") for m in model.modules())
 
 
-def bytes_by_dtype(model: nn.Module) -> dict[str, int]:
-    """Bytes of weights per storage type ('bfloat16', 'int8', 'float8_e4m3fn', ...), scales included."""
-    out: dict[str, int] = {}
+def _weights(model: nn.Module):
+    """(parameter, its bytes with any quantization scales held beside it), each parameter once."""
     seen = set()
     for module in model.modules():
         for p in module.parameters(recurse=False):
-            if id(p) in seen:
-                continue
-            seen.add(id(p))
-            name = str(p.dtype).removeprefix("torch.")
-            out[name] = out.get(name, 0) + p.numel() * p.element_size()
-            extra = _scale_bytes(module, p)
-            if extra:
-                out["float32"] = out.get("float32", 0) + extra
+            if id(p) not in seen:
+                seen.add(id(p))
+                yield p, p.numel() * p.element_size(), _scale_bytes(module, p)
+
+
+def bytes_by_dtype(model: nn.Module) -> dict[str, int]:
+    """Bytes of weights per storage type ('bfloat16', 'int8', 'float8_e4m3fn', ...), scales included (as
+    float32)."""
+    out: dict[str, int] = {}
+    for p, n, scales in _weights(model):
+        name = str(p.dtype).removeprefix("torch.")
+        out[name] = out.get(name, 0) + n
+        if scales:
+            out["float32"] = out.get("float32", 0) + scales
     return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
 def footprint(model: nn.Module) -> dict[str, int]:
     """Bytes of weights per place ('cuda:0', 'cpu', 'disk'), quantized ones with their scales."""
     out: dict[str, int] = {}
-    seen = set()
-    for module in model.modules():
-        for p in module.parameters(recurse=False):
-            if id(p) in seen:
-                continue
-            seen.add(id(p))
-            where = "disk" if p.untyped_storage().filename else str(p.device)
-            out[where] = out.get(where, 0) + p.numel() * p.element_size() + _scale_bytes(module, p)
+    for p, n, scales in _weights(model):
+        where = "disk" if p.untyped_storage().filename else str(p.device)
+        out[where] = out.get(where, 0) + n + scales
     return dict(sorted(out.items()))
 
 

@@ -154,12 +154,11 @@ def load_tools(path: str | Path) -> list[dict]:
     Raises:
         UsageError: the file cannot be read, is not JSON, or an entry is malformed (named).
     """
-    from .files import expand_user
+    from .files import expand_user, read_regular
 
     path = expand_user(path, "tools")
     try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_TOOLS_BYTES + 1)
+        data = read_regular(path, MAX_TOOLS_BYTES)
     except OSError as e:
         raise UsageError(f"cannot read tools file {path}: {e.strerror or e}") from None
     if len(data) > MAX_TOOLS_BYTES:

@@ -358,3 +358,18 @@ def test_chat_takes_a_tool_result_back_and_saves_the_calls(j17_models, env, tmp_
     again = subprocess.run(jamba("chat", "-m", tool_model, "--tools", tools, "--resume", "talk.json"),
                            input=b"/show\n/bye\n", capture_output=True, env=env, cwd=tmp_path, timeout=120)
     assert again.returncode == 0 and "4 messages" in again.stderr.decode(), again.stderr
+
+
+@pytest.mark.parametrize("what", ["doc", "tools"])
+def test_a_fifo_as_document_or_tools_file_is_refused_unread(tmp_path, what):
+    import os
+
+    from jamba_cli.documents import load_documents
+    from jamba_cli.errors import UsageError
+    from jamba_cli.tools import load_tools
+
+    fifo = tmp_path / "pipe.json"
+    os.mkfifo(fifo)  # no writer: reading it would block for ever
+    with pytest.raises(UsageError) as err:
+        load_documents([fifo]) if what == "doc" else load_tools(fifo)
+    assert str(err.value).endswith(f"{fifo}: it is a named pipe, not a regular file")
