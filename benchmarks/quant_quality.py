@@ -1,5 +1,6 @@
-"""How far 8-bit and 4-bit weights (bitsandbytes, here on the CPU) move a model from fp32: max and mean |Δ|
-of the logits and perplexity on held-out text.
+"""How far 8-bit and 4-bit weights move a model from fp32 on the CPU: bitsandbytes' LLM.int8 ("8bit") and
+nf4 ("4bit"), and our own 8-bit layers ("int8", "fp8": weight-only, one scale per output row). Max, mean
+and relative |Δ| of the logits and perplexity on held-out text.
 
     python benchmarks/quant_quality.py CHECKPOINT_DIR --out benchmarks/results/quant_quality.json
     python benchmarks/quant_quality.py --fitted-lm --out /tmp/q.json   # the tests' model (tests/conftest.py)
@@ -27,7 +28,8 @@ from jamba_cli.tokenizer import load_tokenizer  # noqa: E402
 
 MODES = {"bf16": dict(dtype="bf16"), "8bit": dict(dtype="fp32", load_in_8bit=True),
          "8bit-bf16": dict(dtype="bf16", load_in_8bit=True), "4bit": dict(dtype="fp32", load_in_4bit=True),
-         "4bit-bf16": dict(dtype="bf16", load_in_4bit=True)}
+         "4bit-bf16": dict(dtype="bf16", load_in_4bit=True), "int8": dict(dtype="fp32", quant="int8"),
+         "int8-bf16": dict(dtype="bf16", quant="int8"), "fp8": dict(dtype="fp32", quant="fp8")}
 
 
 def held_out(directory: Path, text_path: Path, n_windows: int, window: int) -> torch.Tensor:
@@ -84,6 +86,7 @@ def main() -> None:
             "max_abs_logit_diff": round(diff.max().item(), 4),
             "mean_abs_logit_diff": round(diff.mean().item(), 5),
             "mean_abs_logit": round(ref.abs().mean().item(), 4),
+            "relative_logit_error": round(((logits - ref).norm() / ref.norm()).item(), 5),
         }
         print(f"{mode:>10}: ppl {report['modes'][mode]['perplexity']:9.3f} "
               f"({report['modes'][mode]['perplexity_delta_pct']:+.2f}% vs fp32 {report['fp32_perplexity']:.3f})  "
