@@ -9,17 +9,20 @@ from __future__ import annotations
 
 import math
 import numbers
+import re
 import secrets
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from . import __version__
-from .errors import ChatTemplateError, ContextOverflowError, SamplingError
+from . import __version__, reasoning
+from .errors import ChatTemplateError, ContextOverflowError, SamplingError, UsageError
+from .features import Features, Reply, check_request_documents, check_request_tools
 from .sample import MIN_TEMPERATURE, SamplingParams
 
-ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}  # developer: o1's name
-FINISH_REASONS = {"stop": "stop", "stop_string": "stop", "length": "length"}
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant",  # developer: o1's name
+         "tool": "tool"}
+FINISH_REASONS = {"stop": "stop", "stop_string": "stop", "length": "length", "tool_calls": "tool_calls"}
 SYSTEM_FINGERPRINT = f"jamba-cli-{__version__}"
 
 
@@ -49,6 +52,8 @@ class Spec:
     boundaries: list[int] = field(default_factory=list)
     stream: bool = False
     include_usage: bool = False
+    features: Features | None = None  # chat: tools, documents, citations, thinking (features.py)
+    thinking: bool = False  # the prompt left <think> open: the reply starts with reasoning
 
 
 # -- the fields, checked as OpenAI checks them (the type, then the range) --
@@ -96,8 +101,6 @@ def sampling(body: dict, *, kind: str, defaults: SamplingParams, context_size: i
     if kind == "chat":
         _unsupported(body, "logprobs", False, "log probabilities are not computed")
         _unsupported(body, "top_logprobs", 0, "log probabilities are not computed")
-        if _get(body, "tools", list):
-            raise bad("`tools` is not supported: there is no tool calling", "tools")
         response_format = _get(body, "response_format", dict, {})
         if response_format.get("type", "text") != "text":
             raise bad("`response_format` is not supported: only {\"type\": \"text\"}", "response_format")
@@ -163,7 +166,7 @@ def messages(body: dict, system: str | None) -> list[dict]:
             raise bad(f"`{where}` must be an object", where)
         role = m.get("role")
         if role not in ROLES:
-            raise bad(f"`{where}.role` must be one of system, developer, user, assistant, not {role!r}", where)
+            raise bad(f"`{where}.role` must be one of system, developer, user, assistant, tool, not {role!r}", where)
         content = m.get("content")
         if isinstance(content, list):
             texts = []
@@ -173,21 +176,50 @@ def messages(body: dict, system: str | None) -> list[dict]:
                               "supported", where)
                 texts.append(part["text"])
             content = "\n".join(texts)
+        if content is None and (m.get("tool_calls") or m.get("reasoning_content")):
+            content = ""  # an assistant turn that only called tools
         if not isinstance(content, str):
             raise bad(f"`{where}.content` must be a string or an array of text parts", where)
-        out.append({"role": ROLES[role], "content": content})
+        message = {"role": ROLES[role], "content": content}
+        for key, kind in (("tool_calls", list), ("reasoning_content", str), ("tool_call_id", str), ("name", str)):
+            if m.get(key) is not None:  # as the template expects them of earlier turns
+                if not isinstance(m[key], kind):
+                    raise bad(f"`{where}.{key}` must be {'an array' if kind is list else 'a string'}", where)
+                message[key] = m[key]
+        out.append(message)
     if system is not None and out[0]["role"] != "system":
         out.insert(0, {"role": "system", "content": system})
     return out
 
 
-def chat_prompt(tokenizer, msgs: list[dict], context_size: int) -> tuple[list[int], list[int]]:
-    """(ids, boundaries): the messages through the checkpoint's chat template with a generation prompt, as
-    `jamba run` renders them, and the token offsets where each message ends (where rendering the messages up
-    to it gives a prefix of the text that ends on a token boundary; the engine keeps its state there)."""
+def features(body: dict, tokenizer) -> Features:
+    """The request's tools (`tool_choice` "auto" or "none"), and the extension fields `documents`,
+    `citations`, `think`, `reasoning_budget`, checked against the model's chat template."""
+    choice = body.get("tool_choice", "auto")
+    if choice not in ("auto", "none"):
+        raise bad("`tool_choice` may be \"auto\" or \"none\"; forcing a tool call is not supported", "tool_choice")
     try:
-        text = tokenizer.apply_chat_template(msgs, add_generation_prompt=True)
-        ids = tokenizer.encode(text, add_special_tokens=False, limit=context_size)  # = Tokenizer.encode_chat
+        f = Features(tools=None if choice == "none" else check_request_tools(body.get("tools")),
+                     documents=check_request_documents(body.get("documents")),
+                     citations=_get(body, "citations", bool, False), think=_get(body, "think", bool),
+                     reasoning_budget=_get(body, "reasoning_budget", int))
+        f.check(tokenizer)
+    except UsageError as e:
+        raise bad(str(e), re.search(r"`(\w+)", str(e)).group(1) if "`" in str(e) else None) from None
+    return f
+
+
+def chat_prompt(tokenizer, msgs: list[dict], context_size: int,
+                f: Features | None = None) -> tuple[list[int], list[int], bool]:
+    """(ids, boundaries, thinking): the messages through the checkpoint's chat template with a generation
+    prompt, as `jamba run` renders them (text inside the messages tokenized as plain text, so it cannot
+    forge the template's markup); the token offsets where each message ends (where rendering the messages up
+    to it gives a prefix of the text that ends on a token boundary; the engine keeps its state there); and
+    whether the prompt leaves a `<think>` open."""
+    kw = f.template_kwargs(tokenizer) if f is not None else {}
+    try:
+        text = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, **kw)
+        ids = tokenizer.encode_chat(msgs, add_generation_prompt=True, limit=context_size, **kw)
     except ChatTemplateError as e:
         if not tokenizer.has_chat_format:
             raise bad("this model has no chat template: send the prompt as text to /v1/completions",
@@ -195,14 +227,15 @@ def chat_prompt(tokenizer, msgs: list[dict], context_size: int) -> tuple[list[in
         raise bad(str(e), "messages") from None
     except ContextOverflowError as e:
         raise bad(f"{e}", "messages", "context_length_exceeded") from None
-    return ids, _boundaries(tokenizer, msgs, text, ids)
+    thinking = reasoning.template_thinks(tokenizer.chat_template) and reasoning.prompt_opens_thinking(text)
+    return ids, _boundaries(tokenizer, msgs, text, ids, kw), thinking
 
 
-def _boundaries(tokenizer, msgs: list[dict], text: str, ids: list[int]) -> list[int]:
+def _boundaries(tokenizer, msgs: list[dict], text: str, ids: list[int], kw: dict) -> list[int]:
     ends = []
     for k in range(1, len(msgs) + 1):
         try:
-            prefix = tokenizer.apply_chat_template(msgs[:k])
+            prefix = tokenizer.apply_chat_template(msgs[:k], **kw)
         except ChatTemplateError:  # a template may insist on a user message last: no boundary there
             continue
         if text.startswith(prefix):
@@ -287,19 +320,33 @@ class Shaper:
         return {"id": self.id, "object": object, "created": self.created, "model": self.model,
                 "system_fingerprint": SYSTEM_FINGERPRINT}
 
-    def whole(self, text: str, reason: str | None, stats) -> dict:
+    def whole(self, text: str, reason: str | None, stats, reply: Reply | None = None) -> dict:
         if self.kind == "chat":
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                      "finish_reason": finish_reason(reason)}
+            message = {"role": "assistant", "content": text}
+            choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason(reason)}
+            if reply is not None:
+                message["content"] = reply.content if reply.content or not reply.tool_calls else None
+                if reply.reasoning is not None:
+                    message["reasoning_content"] = reply.reasoning
+                if reply.tool_calls:
+                    message["tool_calls"] = [c.openai() for c in reply.tool_calls]
+                    choice["finish_reason"] = "tool_calls"
+                if reply.citations is not None:
+                    choice["citations"] = reply.citations  # an extension: the documents the answer cites
             return {**self._head("chat.completion"), "choices": [choice], "usage": usage(stats)}
         choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason(reason)}
         return {**self._head("text_completion"), "choices": [choice], "usage": usage(stats)}
 
     def chunk(self, text: str | None, reason: str | None = None, *, first: bool = False,
-              include_usage: bool = False) -> dict:
+              include_usage: bool = False, kind: str = "content", extra: dict | None = None) -> dict:
+        """A stream chunk: `text` of `kind` "content" or "reasoning" (sent as `reasoning_content`, as vLLM
+        and DeepSeek do); `extra` goes into the delta (`tool_calls`) or, for `citations`, the choice."""
         if self.kind == "chat":
-            delta = {"role": "assistant", "content": ""} if first else {} if text is None else {"content": text}
+            field_name = "reasoning_content" if kind == "reasoning" else "content"
+            delta = {"role": "assistant", "content": ""} if first else {} if text is None else {field_name: text}
             choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason(reason)}
+            for key, value in (extra or {}).items():
+                (choice if key == "citations" else delta)[key] = value
             out = {**self._head("chat.completion.chunk"), "choices": [choice]}
         else:
             choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason(reason)}

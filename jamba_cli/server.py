@@ -38,6 +38,7 @@ from starlette.routing import Route
 from . import openai_api as api
 from .errors import ContextOverflowError, JambaError, UsageError
 from .engine import Engine
+from .features import ReplyReader
 from .openai_api import ApiError
 from .sample import SamplingParams
 
@@ -151,8 +152,12 @@ class Worker:
         spec = job.spec
         last = None
         try:
+            extra = {}
+            if spec.features is not None:  # chat: control tokens left out, as `run` prints; the thinking budget
+                extra = dict(special=False,
+                             logits_processors=spec.features.logits_processors(self.engine.tokenizer, spec.thinking))
             for chunk in self.engine.stream(spec.ids, spec.params, boundaries=spec.boundaries,
-                                            should_stop=job.cancelled.is_set):
+                                            should_stop=job.cancelled.is_set, **extra):
                 last = chunk
                 if chunk.finish_reason == "interrupted":
                     job.send(SHUTTING_DOWN if self.closing else ApiError(499, "the client went away"))
@@ -225,6 +230,7 @@ class JobResponse(Response):
         if isinstance(item, ApiError):
             await _error(item)(self.scope, None, send)
             return
+        reader = ReplyReader(spec.features, spec.thinking) if spec.features is not None else None
         if not spec.stream:
             pieces = [item.text]
             while item.finish_reason is None:
@@ -233,7 +239,12 @@ class JobResponse(Response):
                     await _error(item)(self.scope, None, send)
                     return
                 pieces.append(item.text)
-            await JSONResponse(shaper.whole("".join(pieces), item.finish_reason, item.stats))(self.scope, None, send)
+            reply = None
+            if reader is not None:
+                reader.feed("".join(pieces))
+                reply = reader.finish()[1]
+            await JSONResponse(shaper.whole("".join(pieces), item.finish_reason, item.stats, reply))(
+                self.scope, None, send)
             return
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", b"text/event-stream; charset=utf-8"),
@@ -249,10 +260,24 @@ class JobResponse(Response):
             if isinstance(item, ApiError):  # the status is sent already: an error event, as OpenAI streams do
                 await emit(item.body())
                 break
-            if item.text:
-                await emit(shaper.chunk(item.text, include_usage=usage))
+            pieces = reader.feed(item.text) if reader is not None else [("content", item.text)]
             if item.finish_reason is not None:
-                await emit(shaper.chunk(None, item.finish_reason, include_usage=usage))
+                reason, extra = item.finish_reason, {}
+                if reader is not None:
+                    last, reply = reader.finish()
+                    pieces += last
+                    if reply.tool_calls:
+                        reason = "tool_calls"
+                        extra["tool_calls"] = [{"index": i, **c.openai()} for i, c in enumerate(reply.tool_calls)]
+                    if reply.citations is not None:
+                        extra["citations"] = reply.citations
+            for kind, text in pieces:
+                if text:
+                    await emit(shaper.chunk(text, include_usage=usage, kind=kind))
+            if item.finish_reason is not None:
+                if extra:
+                    await emit(shaper.chunk(None, include_usage=usage, extra=extra))
+                await emit(shaper.chunk(None, reason, include_usage=usage))
                 if usage:
                     await emit(shaper.usage_chunk(item.stats))
                 break
@@ -304,11 +329,12 @@ def create_app(model, tokenizer, *, name: str, aliases: Sequence[str] = (), cont
         params = api.sampling(body, kind=kind, defaults=defaults, context_size=context_size)
         if kind == "chat":
             msgs = api.messages(body, system)
+            f = api.features(body, tokenizer)
             with rendering:  # a template's time budget is kept on its (shared) Jinja environment
-                ids, boundaries = api.chat_prompt(tokenizer, msgs, context_size)
-        else:
-            ids, boundaries = api.completion_prompt(tokenizer, body, context_size), []
-        return api.Spec(kind, ids, params, boundaries, stream, include_usage)
+                ids, boundaries, thinking = api.chat_prompt(tokenizer, msgs, context_size, f)
+            return api.Spec(kind, ids, params, boundaries, stream, include_usage, f, thinking)
+        ids = api.completion_prompt(tokenizer, body, context_size)
+        return api.Spec(kind, ids, params, [], stream, include_usage)
 
     def generation(kind: str):
         async def endpoint(request: Request) -> Response:

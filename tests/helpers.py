@@ -8,7 +8,9 @@ import select
 import subprocess
 import sys
 import termios
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository's root
@@ -162,3 +164,28 @@ def write_compressed_fp8(src_dir, dst_dir, *, strategy="channel", ignore=("lm_he
         "transform_config": {}, "version": "0.12.2"}
     (dst / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
     return dst
+
+
+@contextmanager
+def running(model, tokenizer, **options):
+    """The real application on uvicorn in a thread, on a free port of 127.0.0.1; yields its base URL."""
+    import uvicorn
+
+    from jamba_cli import server as srv
+
+    app = srv.create_app(model, tokenizer, name=options.pop("name", "tiny"), **options)
+    sock = srv.listen("127.0.0.1", 0)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    base = srv.url(sock).removesuffix("/v1")
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.02)
+    try:
+        yield base
+    finally:
+        app.state.worker.close()
+        server.should_exit = True
+        thread.join(10)
+        sock.close()

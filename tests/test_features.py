@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from conftest import CONFIGS, make_hf_model, shared_data
-from helpers import ROOT, jamba
+from helpers import ROOT, jamba, running
 from jamba_cli.documents import parse_citations
 from jamba_cli.features import Features, ReplyReader
 from jamba_cli.reasoning import ThinkSplitter
@@ -373,3 +373,72 @@ def test_a_fifo_as_document_or_tools_file_is_refused_unread(tmp_path, what):
     with pytest.raises(UsageError) as err:
         load_documents([fifo]) if what == "doc" else load_tools(fifo)
     assert str(err.value).endswith(f"{fifo}: it is a named pipe, not a regular file")
+
+
+# -- the same features through `jamba serve` (OpenAI fields, plus the documented extensions) --
+
+def _serve(model_dir):
+    from jamba_cli.loader import load
+
+    model, tok = load(model_dir, dtype="fp32", device="cpu")
+    return running(model, tok, name="m")
+
+
+@pytest.mark.slow
+def test_serve_tool_calls_whole_and_streamed(j17_models):
+    httpx = pytest.importorskip("httpx")
+    openai = pytest.importorskip("openai")
+    tool_model, _ = j17_models
+    with _serve(tool_model) as base:
+        client = openai.OpenAI(base_url=base + "/v1", api_key="x", max_retries=0, timeout=60)
+        messages = [{"role": "user", "content": "Weather in Paris?"}]
+        r = client.chat.completions.create(model="m", messages=messages, tools=TOOLS, temperature=0)
+        choice = r.choices[0]
+        assert choice.finish_reason == "tool_calls" and choice.message.content == "Let me check."
+        call, = choice.message.tool_calls
+        assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Paris"}
+        chunks = list(client.chat.completions.create(model="m", messages=messages, tools=TOOLS, temperature=0,
+                                                     stream=True))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks) == "Let me check."
+        calls = [tc for c in chunks for tc in (c.choices[0].delta.tool_calls or [])]
+        assert [(tc.index, tc.function.name) for tc in calls] == [(0, "get_weather")]
+        assert chunks[-1].choices[0].finish_reason == "tool_calls"
+        # the call and its result go back to the template; tool_choice "none" leaves the markup as text
+        follow = messages + [choice.message.model_dump(exclude_none=True),
+                             {"role": "tool", "tool_call_id": call.id, "name": "get_weather", "content": '{"t": 21}'}]
+        assert client.chat.completions.create(model="m", messages=follow, tools=TOOLS, temperature=0).choices
+        r = client.chat.completions.create(model="m", messages=messages, tools=TOOLS, tool_choice="none",
+                                           temperature=0)
+        assert r.choices[0].message.content == "".join(J17_TOOL[:-1]) and not r.choices[0].message.tool_calls
+        bad = httpx.post(base + "/v1/chat/completions", json={"messages": messages, "tools": [{"type": "x"}]})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "tools"
+        forced = httpx.post(base + "/v1/chat/completions", json={"messages": messages, "tools": TOOLS,
+                                                                  "tool_choice": "required"})
+        assert forced.status_code == 400 and forced.json()["error"]["param"] == "tool_choice"
+
+
+@pytest.mark.slow
+def test_serve_documents_citations_and_reasoning(j17_models, r3b_model):
+    httpx = pytest.importorskip("httpx")
+    _, cite_model = j17_models
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    with _serve(cite_model) as base:
+        r = httpx.post(base + "/v1/chat/completions", timeout=60,
+                       json={"messages": messages, "documents": DOCS, "citations": True, "temperature": 0}).json()
+        choice = r["choices"][0]
+        assert choice["message"]["content"] == "Paris is sunny."  # <|system|>, a control token, is not sent
+        assert choice["citations"] == [{"document_id": 1, "title": "beta.txt"}]
+        bad = httpx.post(base + "/v1/chat/completions", json={"messages": messages, "think": True})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "think"
+    with _serve(r3b_model) as base:
+        r = httpx.post(base + "/v1/chat/completions", timeout=60,
+                       json={"messages": messages, "temperature": 0}).json()
+        message = r["choices"][0]["message"]
+        assert message["reasoning_content"] == "The user asks the weather.It is in Paris."
+        assert message["content"] == "Sunny."
+        with httpx.stream("POST", base + "/v1/chat/completions", timeout=60,
+                          json={"messages": messages, "temperature": 0, "stream": True}) as s:
+            events = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: {")]
+        deltas = [e["choices"][0]["delta"] for e in events]
+        assert "".join(d.get("reasoning_content", "") for d in deltas) == "The user asks the weather.It is in Paris."
+        assert "".join(d.get("content") or "" for d in deltas) == "Sunny."

@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import subprocess
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -19,34 +18,11 @@ pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
 
-from helpers import ROOT, jamba  # noqa: E402
+from helpers import ROOT, jamba, running  # noqa: E402
 
 from jamba_cli import server as srv  # noqa: E402
 
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "To be, or not to be"}]
-
-
-@contextmanager
-def running(model, tokenizer, **options):
-    """The real application on uvicorn in a thread, on a free port of 127.0.0.1; yields its base URL."""
-    import uvicorn
-
-    app = srv.create_app(model, tokenizer, name=options.pop("name", "tiny"), **options)
-    sock = srv.listen("127.0.0.1", 0)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    base = srv.url(sock).removesuffix("/v1")
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.02)
-    try:
-        yield base
-    finally:
-        app.state.worker.close()
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +148,7 @@ def test_errors(base, client, small):
                 "model", "`gpt-4o` does not exist")
     check_error(post("/v1/chat/completions", json={"messages": CHAT, "n": 2}), 400, param="n", says="`n` must be 1")
     check_error(post("/v1/chat/completions", json={"messages": []}), 400, param="messages")
-    check_error(post("/v1/chat/completions", json={"messages": [{"role": "tool", "content": "x"}]}), 400,
+    check_error(post("/v1/chat/completions", json={"messages": [{"role": "function", "content": "x"}]}), 400,
                 param="messages[0]", says="role")
     check_error(post("/v1/chat/completions", json={"messages": CHAT, "temperature": "hot"}), 400,
                 param="temperature", says="must be a number")
@@ -425,7 +401,7 @@ def test_message_boundaries(tokenizer_dir, tmp_path, template):
     if template is not None:
         shutil.copy(shared_data(template), tmp_path / "chat_template.jinja")
     tokenizer = load_tokenizer(tmp_path)
-    ids, boundaries = chat_prompt(tokenizer, MESSAGES, 100_000)
+    ids, boundaries, _ = chat_prompt(tokenizer, MESSAGES, 100_000)
     assert ids == tokenizer.encode_chat(MESSAGES, add_generation_prompt=True)
     ends = {len(p) for p in (tokenizer.encode_chat(MESSAGES[:k]) for k in range(1, 5)) if ids[:len(p)] == p}
     assert boundaries and set(boundaries) <= ends and boundaries == sorted(boundaries)
