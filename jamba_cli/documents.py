@@ -48,17 +48,11 @@ def load_documents(paths: list[str | Path]) -> list[dict]:
         UsageError: a file cannot be read, is not UTF-8 JSON where JSON is expected, or an entry lacks its
             text (the message names the file, and the line of a JSONL file).
     """
-    from .files import expand_user, read_regular
+    from .files import read_named
 
     out = []
     for raw in paths:
-        path = expand_user(raw, "doc")
-        try:
-            data = read_regular(path, MAX_DOCUMENT_BYTES)
-        except OSError as e:
-            raise UsageError(f"cannot read document {path}: {e.strerror or e}") from None
-        if len(data) > MAX_DOCUMENT_BYTES:
-            raise UsageError(f"document {path} is larger than {MAX_DOCUMENT_BYTES >> 20} MiB")
+        path, data = read_named(raw, "doc", "document", MAX_DOCUMENT_BYTES)
         text = data.decode("utf-8", errors="replace")
         suffix = path.suffix.lower()
         if suffix == ".json":

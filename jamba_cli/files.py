@@ -124,3 +124,17 @@ def read_regular(path: str | os.PathLike, limit: int) -> bytes:
     fd = open_regular(path)
     with open(fd, "rb") as f:
         return f.read(limit + 1)
+
+
+def read_named(raw: str | os.PathLike, param: str, what: str, limit: int) -> tuple[Path, bytes]:
+    """(path, bytes) of the file a user named for `param` (`~` expanded), `what` it is in messages
+    ("document", "tools file"); one UsageError when it cannot be read, is no regular file or is larger than
+    `limit` bytes."""
+    path = expand_user(raw, param)
+    try:
+        data = read_regular(path, limit)
+    except OSError as e:
+        raise UsageError(f"cannot read {what} {path}: {e.strerror or e}") from None
+    if len(data) > limit:
+        raise UsageError(f"{what} {path} is larger than {limit >> 20} MiB")
+    return path, data

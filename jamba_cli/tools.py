@@ -154,15 +154,9 @@ def load_tools(path: str | Path) -> list[dict]:
     Raises:
         UsageError: the file cannot be read, is not JSON, or an entry is malformed (named).
     """
-    from .files import expand_user, read_regular
+    from .files import read_named
 
-    path = expand_user(path, "tools")
-    try:
-        data = read_regular(path, MAX_TOOLS_BYTES)
-    except OSError as e:
-        raise UsageError(f"cannot read tools file {path}: {e.strerror or e}") from None
-    if len(data) > MAX_TOOLS_BYTES:
-        raise UsageError(f"tools file {path} is larger than {MAX_TOOLS_BYTES >> 20} MiB")
+    path, data = read_named(path, "tools", "tools file", MAX_TOOLS_BYTES)
     try:
         tools = json.loads(data.decode("utf-8"))
     except (ValueError, RecursionError) as e:
