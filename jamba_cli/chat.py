@@ -23,6 +23,7 @@ from .errors import ChatTemplateError, ContextOverflowError, JambaError
 from .features import Features, Reply, ReplyReader
 from .files import file_kind, open_regular, remove_stale_temporaries, temporary_name
 from .generation import GenerationStats, on_single_gpu, stream_generate
+from .prompt_cache import common_prefix
 from .quant import is_quantized
 from .reasoning import prompt_opens_thinking, template_thinks
 from .sample import SamplingParams
@@ -187,7 +188,7 @@ class ChatSession:
         with them, else nothing is reused."""
         if self.seen is not None and len(self.seen) < len(ids) and ids[:len(self.seen)] == self.seen:
             return ids[len(self.seen):]
-        shared = _common(self.seen, ids) if self.seen is not None else 0
+        shared = common_prefix(self.seen, ids) if self.seen is not None else 0
         point = max((p for p in self._points if p[0] <= shared and p[0] < len(ids)), default=None,
                     key=lambda p: p[0])
         if self._snapshot is not None:
@@ -496,15 +497,6 @@ def _saved_calls(calls, key: str, bad) -> list[dict]:
             entry["id"] = call["id"]
         out.append(entry)
     return out
-
-
-def _common(a: list[int], b: list[int]) -> int:
-    """Length of the longest common prefix of `a` and `b`."""
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
 
 
 def _state_path(path: Path) -> Path:

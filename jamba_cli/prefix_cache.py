@@ -36,6 +36,7 @@ from collections.abc import Sequence
 import torch
 
 from .cache import AttnCache, HybridCache, MambaCache
+from .prompt_cache import common_prefix
 
 
 class Node:
@@ -75,21 +76,6 @@ def _kv_tensors(node: Node):
 
 def _state_tensors(node: Node):
     return (t for pair in node.state or () for t in pair)
-
-
-def _common(a: Sequence[int], b: Sequence[int]) -> int:
-    """Length of the longest common prefix of `a` and `b`."""
-    n = min(len(a), len(b))
-    if a[:n] == b[:n]:
-        return n
-    lo, hi = 0, n  # a[:lo] == b[:lo], a[:hi] != b[:hi]: halve (slices compare in C)
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if a[lo:mid] == b[lo:mid]:
-            lo = mid
-        else:
-            hi = mid
-    return lo
 
 
 class PrefixCache:
@@ -212,7 +198,7 @@ class PrefixCache:
             child = node.children.get(tokens[node.end])
             if child is None:
                 return node, None, 0
-            shared = _common(child.tokens, tokens[child.start:child.end])
+            shared = common_prefix(child.tokens, tokens[child.start:child.end])
             if shared < len(child.tokens):
                 return node, child, shared
             node = child

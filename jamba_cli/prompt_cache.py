@@ -385,7 +385,7 @@ def restore(path: str | os.PathLike, model: JambaForCausalLM, ids: list[int], ca
     _regular(path)
 
     def use(file: _File) -> Reused:
-        shared = _common(file.tokens, ids)
+        shared = common_prefix(file.tokens, ids)
         slots = [s for s, p in enumerate(file.positions) if p <= shared and p < len(ids)]
         if not slots:
             return Reused()
@@ -406,13 +406,21 @@ def _regular(path: Path) -> None:
         raise PromptCacheError(f"cannot read prompt cache {path}: it is a {kind}")
 
 
-def _common(a: Sequence[int], b: Sequence[int]) -> int:
-    """Length of the longest common prefix of `a` and `b`."""
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest common prefix of the token ids `a` and `b` (the prompt cache, the chat session
+    and the server's prefix cache all resume where a new prompt stops agreeing with what they hold)."""
+    a, b = list(a), list(b)  # slices of a list and a tuple never compare equal
     n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
+    if a[:n] == b[:n]:
+        return n
+    lo, hi = 0, n  # a[:lo] == b[:lo], a[:hi] != b[:hi]: halve (slices compare in C)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if a[lo:mid] == b[lo:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
 
 
 # -- where to keep Mamba states --
@@ -449,7 +457,7 @@ def part_ends(tokenizer, prompt, ids: list[int], parts: Sequence[str],
         if at < 0:
             continue
         cursor = at + len(part)
-        out.append(_common(encode(text[:cursor]), ids))
+        out.append(common_prefix(encode(text[:cursor]), ids))
     return out
 
 
