@@ -116,7 +116,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     scales for a prompt where the GPU has float8, else our GEMM that dequantizes tile by tile; on the CPU,
     the weight dequantized in x's dtype."""
     if scale is not None:
-        return _linear8(x, weight, scale) if bias is None else _linear8(x, weight, scale) + bias
+        y = _linear8(x, weight, scale)
+        return y if bias is None else y + bias
     if bias is None and x.numel() == x.shape[-1] and current().gemv_linears:
         ops = _ours(x)
         if ops and ops.gemv.has_linear_tile(*weight.shape):
@@ -139,19 +140,14 @@ def _linear8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torc
 
 def mlp(x: torch.Tensor, gate_proj, up_proj, down_proj, act) -> torch.Tensor:
     """down(act(gate(x)) * up(x)); one token on a GPU: gate, up and SwiGLU in one GEMV kernel, down in another."""
-    if act is F.silu and x.numel() == x.shape[-1] and _dense(gate_proj, up_proj, down_proj) \
-            and gate_proj.bias is None and up_proj.bias is None and down_proj.bias is None:
+    projs = (gate_proj, up_proj, down_proj)
+    eight = _8bit(*projs)
+    if act is F.silu and x.numel() == x.shape[-1] and (_dense(*projs) or eight) \
+            and all(p.bias is None for p in projs):
         ops = _ours(x)
-        if ops:
-            return ops.gemv.swiglu_mlp(x.reshape(1, -1), gate_proj.weight, up_proj.weight,
-                                       down_proj.weight).view_as(x)
-    if act is F.silu and x.numel() == x.shape[-1] and _8bit(gate_proj, up_proj, down_proj) \
-            and gate_proj.bias is None and up_proj.bias is None and down_proj.bias is None:
-        ops = _ours(x)
-        if ops:
-            scales = (gate_proj.weight_scale, up_proj.weight_scale, down_proj.weight_scale)
-            return ops.gemv.swiglu_mlp(x.reshape(1, -1), gate_proj.weight, up_proj.weight, down_proj.weight,
-                                       scales=scales).view_as(x)
+        if ops:  # 8-bit weights: their row scales applied in the kernels' epilogues
+            scales = tuple(p.weight_scale for p in projs) if eight else None
+            return ops.gemv.swiglu_mlp(x.reshape(1, -1), *(p.weight for p in projs), scales=scales).view_as(x)
     return down_proj(act_mul(act, gate_proj(x), up_proj(x)))
 
 
@@ -169,18 +165,22 @@ def moe(x: torch.Tensor, router, experts, top_k: int) -> torch.Tensor:
     (quant8.Experts8, with their row scales).
     """
     routable = router.bias is None and (_dense(router) or _8bit(router)) and experts.act is F.silu
-    if routable and _8bit(experts) and _ours(x):
-        return _moe8(x, router, experts, top_k)
+    eight = routable and _8bit(experts)
     fused = routable and _dense(experts)
-    if fused and x.shape[0] <= MOE_GEMV_MAX_TOKENS:
-        ops = _ours(x)
-        if ops:  # routing (softmax, top-k) happens inside the expert kernels, from the router's logits
-            i = experts.down_proj.shape[-1]
-            return ops.gemv.swiglu_mlp(x, experts.gate_up_proj[:, :i], experts.gate_up_proj[:, i:],
-                                       experts.down_proj, _router_logits(ops, x, router), top_k)
+    ops = _ours(x) if fused or eight else None
+    if ops and x.shape[0] <= MOE_GEMV_MAX_TOKENS:  # routing (softmax, top-k) inside the expert kernels
+        i = experts.down_proj.shape[-1]
+        return ops.gemv.swiglu_mlp(x, experts.gate_up_proj[:, :i], experts.gate_up_proj[:, i:], experts.down_proj,
+                                   _router_logits(ops, x, router), top_k, scales=experts.scales() if eight else None)
     probs = F.softmax(router(x), dim=-1, dtype=torch.float32)  # (T, X)
     w, idx = torch.topk(probs, top_k, dim=-1)  # (T, k)
     w = w.to(x.dtype)
+    if ops and eight:  # no host sync: float8 grouped GEMMs where the GPU has them, else ours
+        fp8 = experts.weight_format == "fp8" and scaled.supported(x.device) \
+            and scaled.shapes_ok(x.shape[-1], experts.down_proj.shape[-1])
+        return grouped_experts(x, idx, w, experts.gate_up_proj, experts.down_proj,
+                               mm=scaled.grouped_linear if fp8 else ops.gemm8.grouped_linear8,
+                               scales=(experts.gate_up_scale, experts.down_scale))
     if fused and x.dtype == torch.bfloat16 and _gpu(x) and not _recording(x) and hasattr(torch, "_grouped_mm"):
         return grouped_experts(x, idx, w, experts.gate_up_proj, experts.down_proj)  # no host sync
     return reference.experts_loop(x, idx, w, experts.expert)
@@ -189,25 +189,6 @@ def moe(x: torch.Tensor, router, experts, top_k: int) -> torch.Tensor:
 def _router_logits(ops, x: torch.Tensor, router) -> torch.Tensor:
     """(T, X) float32 router logits (values in x's dtype): our router GEMV, or an 8-bit router's own forward."""
     return ops.gemv.router_logits(x, router.weight) if _dense(router) else router(x).float()
-
-
-def _moe8(x: torch.Tensor, router, experts, top_k: int) -> torch.Tensor:
-    """`moe` on a GPU with 8-bit experts: the routed GEMVs for a few tokens, grouped GEMMs for a prompt
-    (float8 where the GPU has it, else ours dequantizing tile by tile)."""
-    ops = _ours(x)
-    i = experts.down_proj.shape[-1]
-    if x.shape[0] <= MOE_GEMV_MAX_TOKENS:
-        return ops.gemv.swiglu_mlp(x, experts.gate_up_proj[:, :i], experts.gate_up_proj[:, i:], experts.down_proj,
-                                   _router_logits(ops, x, router), top_k, scales=experts.scales())
-    probs = F.softmax(router(x), dim=-1, dtype=torch.float32)  # (T, X)
-    w, idx = torch.topk(probs, top_k, dim=-1)
-    if experts.weight_format == "fp8" and scaled.supported(x.device) \
-            and scaled.shapes_ok(x.shape[-1], i) and scaled.shapes_ok(i, x.shape[-1]):
-        mm = scaled.grouped_linear
-    else:
-        mm = ops.gemm8.grouped_linear8
-    return grouped_experts(x, idx, w.to(x.dtype), experts.gate_up_proj, experts.down_proj,
-                           mm=mm, scales=(experts.gate_up_scale, experts.down_scale))
 
 
 def grouped_experts(x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, gate_up: torch.Tensor,
