@@ -33,7 +33,7 @@ from .errors import CheckpointError, ConfigError, UsageError
 from .files import expand_user
 from .hub import is_local_path
 from .kernels import KernelOptions
-from .model import JambaForCausalLM
+from .model import Experts, JambaForCausalLM, Linear
 from .placement import _no_init, place
 from .safetensors_header import _DTYPE_NAMES, TensorEntry, read_header
 from .tokenizer import Tokenizer, load_tokenizer
@@ -300,18 +300,18 @@ def checkpoint_quantization(model: JambaForCausalLM, scheme,
     modules it holds in float8 (float8 where the GPU has it, else int8; widened on the CPU, with a note).
     With our 8-bit layers asked for: those same modules, in the format asked. Otherwise (bitsandbytes) the
     float8 weights are widened as they load and quantized as asked."""
-    only = set()
-    for name, module in model.named_modules():
-        names = [f"{name}.{e}.{p}" for e in range(module.gate_up_proj.shape[0])
-                 for p in ("gate_proj", "up_proj", "down_proj")] if hasattr(module, "gate_up_proj") else [name]
-        if hasattr(module, "gate_up_proj") or hasattr(module, "in_features"):
-            held = [scheme.quantized(n) for n in names]
-            if all(held):
-                only.add(name)
-    if asked is not None and asked.backend == "bitsandbytes" or asked is not None and asked.bits == 4:
+    if asked is not None and (asked.backend == "bitsandbytes" or asked.bits == 4):
         return asked
-    base = asked or _quant.QuantConfig(8, from_checkpoint=True)
-    return dataclasses.replace(base, only=frozenset(only), backend="ours" if base.backend == "auto" else base.backend)
+
+    def on_disk(name: str, module) -> list[str]:  # the checkpoint's Linear modules behind one of ours
+        if isinstance(module, Experts):
+            return [f"{name}.{e}.{p}" for e in range(module.gate_up_proj.shape[0])
+                    for p in ("gate_proj", "up_proj", "down_proj")]
+        return [name]
+
+    only = frozenset(name for name, module in model.named_modules() if isinstance(module, (Experts, Linear))
+                     and all(scheme.quantized(n) for n in on_disk(name, module)))
+    return dataclasses.replace(asked or _quant.QuantConfig(8, from_checkpoint=True), only=only, backend="ours")
 
 
 def _note_fp8(directory: Path, qc: _quant.QuantConfig | None) -> None:
